@@ -1,0 +1,194 @@
+"""UNet, classifier head and the joint loss."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jdm_fast.diffusion import GaussianDiffusion, make_betas
+from jdm_fast.models.config import HeadConfig, UNetConfig
+from jdm_fast.models.joint import JointConfig, JointDiffusion
+from jdm_fast.models.unet import UNet
+from jdm_fast.training.config import PRESETS
+
+TINY = UNetConfig(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(4,), num_heads=2, dropout=0.0, num_groups=4)
+
+
+def tiny_joint(**kw) -> JointDiffusion:
+    cfg = JointConfig(unet=kw.pop("unet", TINY), head=kw.pop("head", HeadConfig(num_classes=3, dropout=0.0)), **kw)
+    return JointDiffusion(cfg, GaussianDiffusion(make_betas("jdm_linear", 100)))
+
+
+def expected_feature_channels(cfg: UNetConfig) -> int:
+    """Closed form: input conv + every res block + every downsample + middle, in channels."""
+    base, mults = cfg.model_channels, cfg.channel_mult
+    blocks = sum(cfg.num_res_blocks * base * m for m in mults)
+    downs = sum(base * m for m in mults[:-1])
+    return base + blocks + downs + base * mults[-1]
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_and_run(name):
+    cfg = PRESETS[name].model
+    model = JointDiffusion(cfg, GaussianDiffusion(make_betas("linear", 100)))
+    assert model.head.in_features == expected_feature_channels(cfg.unet) == model.unet.feature_channels
+    u = cfg.unet
+    x = torch.randn(2, u.in_channels, u.image_size, u.image_size)
+    t = torch.tensor([0, 9])
+    with torch.no_grad():
+        assert model.unet(x, t).shape == x.shape
+        model.eval()
+        assert model.classify(x).shape == (2, cfg.head.num_classes)
+
+
+def test_cifar_preset_matches_the_paper():
+    cfg = PRESETS["cifar10"].model
+    model = JointDiffusion(cfg, GaussianDiffusion(make_betas("linear", 100)))
+    assert model.head.in_features == 3712  # PAPER.md: F = 3712 for the CIFAR config
+    assert 59.0e6 < n_params(model) < 60.0e6  # "about 59.5M parameters with the head"
+    head = model.head.net
+    assert head[2].out_features == 3712 // 2 and head[-1].out_features == 10
+    assert head[0].p == 0.7
+
+
+def test_unet_works_at_64x64_and_feature_size_follows_config():
+    cfg = UNetConfig(image_size=64, in_channels=3, model_channels=32, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                     attention_resolutions=(16, 8), num_heads=None, num_head_channels=32, dropout=0.0)
+    unet = UNet(cfg)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        enc = unet.encode(x, torch.tensor([5]))
+        assert unet.decode(*enc).shape == x.shape
+    assert sum(s.shape[1] for s in enc.skips) + enc.h.shape[1] == unet.feature_channels == expected_feature_channels(cfg)
+    assert [s.shape[-1] for s in enc.skips] == [64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8]
+    assert UNet.features(enc).shape == (1, unet.feature_channels)
+
+
+def test_decode_of_encode_is_forward_and_features_are_pooled():
+    torch.manual_seed(0)
+    model = tiny_joint()
+    for p in model.unet.parameters():  # zero-initialised convs would hide a wrong wiring
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 50, 99])
+    enc = model.unet.encode(x, t)
+    torch.testing.assert_close(model.unet.decode(*enc), model.unet(x, t))
+    feats = UNet.features(enc)
+    ref = torch.cat([s.mean((2, 3)) for s in enc.skips] + [enc.h.mean((2, 3))], 1)
+    torch.testing.assert_close(feats, ref)
+    # the decoder really uses the skips: changing one changes eps
+    skips = list(enc.skips)
+    skips[0] = skips[0] + 1.0
+    assert not torch.allclose(model.unet.decode(enc.h, skips, enc.emb), model.unet(x, t))
+
+
+def test_bad_config_and_input_errors():
+    with pytest.raises(ValueError, match="divisible by 2"):
+        dataclasses.replace(TINY, image_size=6, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        dataclasses.replace(TINY, attention_resolutions=(3,))
+    with pytest.raises(ValueError, match="num_groups"):
+        dataclasses.replace(TINY, model_channels=6)
+    model = tiny_joint()
+    with pytest.raises(ValueError, match=r"x must be \(B, 1, 8, 8\)"):
+        model.unet(torch.randn(2, 1, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="classifier_input"):
+        JointConfig(unet=TINY, head=HeadConfig(), classifier_input="noisy")
+
+
+def test_joint_loss_terms_against_independent_computation():
+    torch.manual_seed(0)
+    model = tiny_joint(classifier_weight=0.25).eval()  # eval: no dropout, BN running stats
+    for p in model.unet.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    y = torch.tensor([0, 2, 1, 2])
+    t, noise = torch.tensor([0, 10, 50, 99]), torch.randn(4, 1, 8, 8)
+    losses = model(x0, y, t=t, noise=noise)
+    d = model.diffusion
+    abar = d.alphas_cumprod[t].float().reshape(4, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    torch.testing.assert_close(losses.diffusion, ((model.unet(x_t, t) - noise) ** 2).mean())
+    logits = model.classify(x0)
+    torch.testing.assert_close(losses.classifier, F.cross_entropy(logits, y))
+    torch.testing.assert_close(losses.total, losses.diffusion + 0.25 * losses.classifier)
+    assert losses.labelled.item() == 4 and losses.correct.item() == (logits.argmax(1) == y).sum().item()
+
+
+def test_classifier_on_noisy_input_uses_the_diffusion_pass():
+    torch.manual_seed(0)
+    model = tiny_joint(classifier_input="xt").eval()
+    x0, y = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2])
+    t, noise = torch.tensor([5, 60, 90]), torch.randn(3, 1, 8, 8)
+    losses = model(x0, y, t=t, noise=noise)
+    logits = model.logits(model.unet.encode(model.diffusion.q_sample(x0, t, noise), t))
+    torch.testing.assert_close(losses.classifier, F.cross_entropy(logits, y))
+
+
+def test_semi_supervised_unlabelled_examples_add_only_diffusion():
+    torch.manual_seed(0)
+    model = tiny_joint().eval()
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    y = torch.tensor([1, -1, 2, -1])
+    logits = model.classify(x0)
+    loss, correct, labelled = model.classifier_loss(logits, y)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[[0, 2]], y[[0, 2]]))
+    assert labelled.item() == 2
+    none = model(x0, torch.full((4,), -1))
+    assert none.classifier.item() == 0.0 and none.labelled.item() == 0
+    torch.testing.assert_close(none.total, none.diffusion)
+
+
+def test_multi_label_uses_bce_on_labelled_rows():
+    model = tiny_joint(head=HeadConfig(num_classes=3, dropout=0.0, multi_label=True)).eval()
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    y = torch.tensor([[1.0, 0.0, 1.0], [-1.0, -1.0, -1.0], [0.0, 1.0, 0.0]])
+    logits = model.classify(x0)
+    loss, _, labelled = model.classifier_loss(logits, y)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits[[0, 2]], y[[0, 2]]))
+    assert labelled.item() == 2
+    with pytest.raises(ValueError, match="multi-label targets"):
+        model.classifier_loss(logits, torch.tensor([0, 1, 2]))
+
+
+def test_classifier_loss_reaches_the_encoder_only():
+    torch.manual_seed(0)
+    model = tiny_joint()
+    losses = model(torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0]))
+    losses.classifier.backward()
+    enc_grad = model.unet.input_conv.weight.grad
+    assert enc_grad is not None and enc_grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.unet.up.parameters())
+    assert model.unet.out_conv.weight.grad is None or model.unet.out_conv.weight.grad.abs().sum() == 0
+
+
+def test_tiny_model_overfits_a_small_batch():
+    """Both losses fall on a fixed batch (evaluated on a fixed set of t and noise)."""
+    torch.manual_seed(0)
+    model = tiny_joint(classifier_weight=1.0)
+    x0 = (torch.rand(6, 1, 8, 8) > 0.5).float() * 2 - 1
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    t_eval, n_eval = torch.randint(0, 100, (64,)), torch.randn(64, 1, 8, 8)
+    x_eval, y_eval = x0.repeat(11, 1, 1, 1)[:64], y.repeat(11)[:64]
+
+    def eval_losses():
+        model.eval()
+        with torch.no_grad():
+            out = model(x_eval, y_eval, t=t_eval, noise=n_eval)
+        model.train()
+        return out.diffusion.item(), out.classifier.item()
+
+    d0, c0 = eval_losses()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(x0, y).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d1, c1 = eval_losses()
+    assert d1 < 0.5 * d0, (d0, d1)
+    assert c1 < 0.3 * c0, (c0, c1)
