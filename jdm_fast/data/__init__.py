@@ -1,0 +1,61 @@
+"""Datasets, augmentations and batch loaders of jdm_fast.
+
+``load_dataset`` reads a split into host memory as an :class:`ImageDataset`; ``build_loader``
+turns it into device batches ``(x float32 NCHW in [-1, 1], y int64)``; ``infinite_batches``
+walks epochs for a trainer and resumes exactly at any global step.
+"""
+from .augment import (
+    PADDING_MODES,
+    AugmentConfig,
+    apply_augment,
+    color_jitter,
+    default_augment,
+    random_flip,
+    random_translate,
+)
+from .datasets import (
+    DATASET_INFO,
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    DatasetInfo,
+    DatasetNotFoundError,
+    ImageDataset,
+    dataset_defaults,
+    load_dataset,
+    stratified_split,
+)
+from .loaders import (
+    BACKENDS,
+    BatchLoader,
+    build_loader,
+    derive_seed,
+    epoch_permutation,
+    infinite_batches,
+    shard_ranges,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DATASET_INFO",
+    "IMAGE_EXTENSIONS",
+    "PADDING_MODES",
+    "AugmentConfig",
+    "BatchLoader",
+    "DatasetError",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "apply_augment",
+    "build_loader",
+    "color_jitter",
+    "dataset_defaults",
+    "default_augment",
+    "derive_seed",
+    "epoch_permutation",
+    "infinite_batches",
+    "load_dataset",
+    "random_flip",
+    "random_translate",
+    "shard_ranges",
+    "stratified_split",
+]

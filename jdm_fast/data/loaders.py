@@ -1,0 +1,358 @@
+"""Batch loaders: a device-resident tensor loader, a torch DataLoader, and (later) DALI.
+
+All backends share one definition of an epoch, so they yield identical batches:
+
+* The epoch order is ``torch.randperm`` on a CPU ``torch.Generator`` seeded by
+  ``derive_seed(seed, epoch)``: never the global RNG, the same on every device and backend.
+* Sharding is interleaved: global batch ``b`` is ``order[b*B*n : (b+1)*B*n]`` and shard ``i``
+  takes its ``i``-th slice of ``B`` samples, so the ``n`` shards of one step together hold what a
+  single process with batch ``B*n`` would see. With ``drop_last=False`` the leftover samples
+  (fewer than ``B*n``) are split as evenly as possible into one last, smaller batch per shard.
+* Batch ``b`` is augmented on the device with a generator seeded by
+  ``derive_seed(seed, epoch, b, shard_index)``, so resuming at batch ``k`` (``skip_batches=k``)
+  reproduces an uninterrupted epoch exactly, augmentation included.
+
+Batches are ``(x, y)``: float32 NCHW in [-1, 1] (``uint8 / 127.5 - 1``, exact at 0 and 255) and
+int64 labels, both on ``device``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import AugmentConfig, apply_augment, default_augment
+from .datasets import ImageDataset, load_dataset
+
+__all__ = [
+    "BACKENDS",
+    "BatchLoader",
+    "build_loader",
+    "derive_seed",
+    "epoch_permutation",
+    "infinite_batches",
+    "shard_ranges",
+]
+
+BACKENDS = ("auto", "tensor", "torch", "dali")
+_MASK64 = (1 << 64) - 1
+_PERM_TAG = 0x5045524D  # "PERM": keeps the order seed apart from augmentation seeds
+_AUG_TAG = 0x415547  # "AUG"
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 chain): stable across runs and platforms."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ _splitmix64(int(p) & _MASK64))
+    return h >> 1
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The global sample order of one epoch: int64 CPU tensor, a permutation of ``range(n)``."""
+    generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, epoch, _PERM_TAG))
+    return torch.randperm(n, generator=generator)
+
+
+def shard_ranges(
+    n: int, batch_size: int, shard_index: int, num_shards: int, drop_last: bool
+) -> list[tuple[int, int]]:
+    """``[start, stop)`` positions in the epoch order of each batch of one shard."""
+    per_step = batch_size * num_shards
+    full = n // per_step
+    first = shard_index * batch_size
+    ranges = [(b * per_step + first, b * per_step + first + batch_size) for b in range(full)]
+    rest = n - full * per_step
+    if not drop_last and rest:
+        base = full * per_step
+        start = base + shard_index * rest // num_shards
+        stop = base + (shard_index + 1) * rest // num_shards
+        if stop > start:
+            ranges.append((start, stop))
+    return ranges
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but CUDA is not available")
+        if device.index is None:  # pin the index so generators and data agree
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+
+
+class _ArrayBatches(torch.utils.data.Dataset):
+    """Map-style dataset over uint8 arrays that fetches whole batches (``__getitems__``)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Batch:
+        return torch.from_numpy(self.images[i].copy()), torch.tensor(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.images[idx]), torch.from_numpy(self.labels[idx])
+
+
+def _keep_batch(batch: Batch) -> Batch:
+    """collate_fn: ``__getitems__`` already returns the collated batch."""
+    return batch
+
+
+class _EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields the index lists of the current epoch; the loader sets ``batches`` per epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchLoader:
+    """Iterable over the batches of one epoch of one shard; build it with :func:`build_loader`.
+
+    ``iter(loader)`` yields epoch ``loader.epoch`` from batch ``loader.skip_batches``; change
+    them with :meth:`set_epoch`, or iterate any epoch directly with :meth:`iter_epoch`.
+    Consume one epoch iterator at a time (the ``"torch"`` backend reuses one DataLoader).
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        backend: str,
+        shard: tuple[int, int],
+        seed: int,
+        augment_config: AugmentConfig | None,
+        drop_last: bool,
+        device: torch.device,
+        channels_last: bool,
+        num_workers: int,
+    ) -> None:
+        self.dataset, self.batch_size, self.backend = dataset, batch_size, backend
+        self.shard_index, self.num_shards = shard
+        self.seed, self.augment_config, self.drop_last = seed, augment_config, drop_last
+        self.device, self.channels_last = device, channels_last
+        self.epoch, self.skip_batches = 0, 0
+        self._num_batches = len(shard_ranges(len(dataset), batch_size, *shard, drop_last))
+        if backend == "tensor":
+            # One upload of the whole uint8 set; every batch is then gathered on the device.
+            self._images = _as_tensor(dataset.images).to(device)
+            self._labels = _as_tensor(dataset.labels).to(device)
+        else:
+            self._sampler = _EpochBatchSampler()
+            self._loader = torch.utils.data.DataLoader(
+                _ArrayBatches(dataset.images, dataset.labels),
+                batch_sampler=self._sampler,
+                collate_fn=_keep_batch,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=num_workers > 0,
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch for this shard."""
+        return self._num_batches
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make ``iter(self)`` yield ``epoch`` from batch ``skip_batches`` on."""
+        self._check_position(epoch, skip_batches)
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_epoch(self.epoch, self.skip_batches)
+
+    def iter_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+        """Batches ``skip_batches, ..., len(self) - 1`` of ``epoch`` (validated immediately)."""
+        self._check_position(epoch, skip_batches)
+        return self._generate(epoch, skip_batches)
+
+    def _check_position(self, epoch: int, skip_batches: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if not isinstance(skip_batches, int) or not 0 <= skip_batches <= len(self):
+            raise ValueError(
+                f"skip_batches must be an int in [0, {len(self)}] (batches per epoch), "
+                f"got {skip_batches!r}"
+            )
+
+    def _generate(self, epoch: int, skip: int) -> Iterator[Batch]:
+        order = epoch_permutation(len(self.dataset), self.seed, epoch)
+        ranges = shard_ranges(
+            len(self.dataset), self.batch_size, self.shard_index, self.num_shards, self.drop_last
+        )[skip:]
+        if self.backend == "tensor":
+            order = order.to(self.device)  # one host-to-device copy per epoch
+            raw = (
+                (self._images.index_select(0, order[a:b]), self._labels.index_select(0, order[a:b]))
+                for a, b in ranges
+            )
+        else:
+            self._sampler.batches = [order[a:b].tolist() for a, b in ranges]
+            raw = (
+                (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for x, y in self._loader
+            )
+        for batch_index, (images, labels) in enumerate(raw, start=skip):
+            yield self._finish(images, epoch, batch_index), labels
+
+    def _finish(self, images: torch.Tensor, epoch: int, batch_index: int) -> torch.Tensor:
+        """uint8 NHWC on the device -> float32 NCHW in [-1, 1], augmented."""
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)
+        if self.augment_config is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(
+                derive_seed(self.seed, epoch, batch_index, self.shard_index, _AUG_TAG)
+            )
+            x = apply_augment(x, self.augment_config, generator)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+def _check_dali() -> None:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "the 'dali' loader backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+            "--extra-index-url https://pypi.nvidia.com (or use backend='tensor')"
+        ) from e
+    raise NotImplementedError(
+        "the 'dali' loader backend arrives with the DALI pipelines; use backend='tensor' for now"
+    )
+
+
+def build_loader(
+    dataset: ImageDataset | str,
+    batch_size: int,
+    backend: str = "auto",
+    shard: tuple[int, int] = (0, 1),
+    seed: int = 0,
+    augment: bool = False,
+    drop_last: bool = True,
+    device: str | torch.device = "cpu",
+    epoch: int = 0,
+    skip_batches: int = 0,
+    channels_last: bool = False,
+    augment_config: AugmentConfig | None = None,
+    num_workers: int = 0,
+    data_dir: str | Path | None = None,
+) -> BatchLoader:
+    """Build the batch loader of one shard.
+
+    Args:
+        dataset: an :class:`ImageDataset`, or a name/folder loaded with
+            ``load_dataset(name, "train", data_dir)``.
+        batch_size: samples per batch of this shard (per-process batch).
+        backend: ``"tensor"`` (whole uint8 set on the device; gather, convert and augment there),
+            ``"torch"`` (torch DataLoader, same order), ``"dali"`` (not yet), ``"auto"`` = tensor.
+        shard: ``(index, count)`` of this process; shards are disjoint and cover each epoch.
+        seed: base seed of orders and augmentations.
+        augment: apply ``augment_config`` (default: ``default_augment(dataset.name)``).
+        drop_last: only full batches (same count on every shard); else a last smaller batch.
+        device: where batches (and, for ``"tensor"``, the dataset) live.
+        epoch, skip_batches: what ``iter(loader)`` yields first (see ``set_epoch``).
+        channels_last: return ``x`` in channels-last memory format.
+        augment_config: explicit augmentations; only valid with ``augment=True``.
+        num_workers: worker processes of the ``"torch"`` backend.
+        data_dir: passed to ``load_dataset`` when ``dataset`` is a name.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "dali":
+        _check_dali()
+    backend = "tensor" if backend == "auto" else backend
+    if isinstance(dataset, (str, Path)):
+        dataset = load_dataset(str(dataset), "train", data_dir)
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be an ImageDataset or a name, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} is empty")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if (
+        not isinstance(shard, (tuple, list)) or len(shard) != 2
+        or not all(isinstance(v, int) for v in shard) or shard[1] < 1
+        or not 0 <= shard[0] < shard[1]
+    ):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
+    if drop_last and batch_size * shard[1] > len(dataset):
+        raise ValueError(
+            f"batch_size {batch_size} x {shard[1]} shard(s) exceeds the {len(dataset)} samples of "
+            f"{dataset.name!r}: with drop_last=True no full batch exists"
+        )
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if augment_config is not None and not augment:
+        raise ValueError("augment_config was given but augment=False; pass augment=True")
+    config = None
+    if augment:
+        config = augment_config if augment_config is not None else default_augment(dataset.name)
+        h, w = dataset.images.shape[1:3]
+        if config.padding_mode == "reflect" and config.pad >= min(h, w):
+            raise ValueError(
+                f"augment pad={config.pad} with reflect padding needs images larger than "
+                f"{config.pad} pixels, got {h}x{w}"
+            )
+        config = config if config.enabled else None
+    loader = BatchLoader(
+        dataset, batch_size, backend, (shard[0], shard[1]), seed, config, drop_last,
+        _resolve_device(device), channels_last, num_workers,
+    )
+    loader.set_epoch(epoch, skip_batches)
+    return loader
+
+
+def infinite_batches(
+    dataset: ImageDataset | str,
+    batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    **loader_kwargs: object,
+) -> Iterator[Batch]:
+    """Endless full batches, epoch after epoch, starting at global step ``start_step``.
+
+    Step ``s`` is batch ``s % len(loader)`` of epoch ``s // len(loader)``, so a run resumed at
+    step ``s`` sees exactly the batches an uninterrupted run would. ``loader_kwargs`` go to
+    :func:`build_loader` (``epoch``, ``skip_batches`` and ``drop_last`` are fixed here: every
+    step gets a full batch).
+    """
+    for fixed in ("epoch", "skip_batches", "drop_last"):
+        if fixed in loader_kwargs:
+            raise TypeError(f"infinite_batches sets {fixed!r} itself; do not pass it")
+    if not isinstance(start_step, int) or start_step < 0:
+        raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+    loader = build_loader(dataset, batch_size, seed=seed, drop_last=True, **loader_kwargs)
+    epoch, skip = divmod(start_step, len(loader))
+    return _walk_epochs(loader, epoch, skip)
+
+
+def _walk_epochs(loader: BatchLoader, epoch: int, skip: int) -> Iterator[Batch]:
+    while True:
+        yield from loader.iter_epoch(epoch, skip)
+        epoch, skip = epoch + 1, 0
