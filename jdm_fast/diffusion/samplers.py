@@ -1,0 +1,302 @@
+"""Unconditional samplers for an eps-prediction model: ancestral (DDPM) and DDIM.
+
+The model is any callable ``model_fn(x_t, t) -> eps_hat`` where ``t`` is an int64 tensor of
+shape (B,) holding ORIGINAL timestep indices in [0, T) (also when sampling with fewer steps).
+
+Layout: pure per-step functions (``ancestral_step``, ``ddim_step``; plain differentiable tensor
+math, to be replaced by fused ops later) and the loops that call the model and draw noise.
+All randomness of a loop (x_T and every per-step noise) comes from the explicit
+``torch.Generator``, so the same seed on the same device gives bit-identical samples. The loops
+run the model under ``torch.no_grad()``.
+
+The loops return the final x_0 sample: the last step's posterior mean at t = 0, which equals the
+model's x_0 prediction (clamped to [-1, 1] only if ``clip_denoised``); no other clamping.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .gaussian import GaussianDiffusion, _check_like, _check_x, check_timesteps, spaced_timesteps
+
+__all__ = [
+    "ModelFn",
+    "ancestral_step",
+    "ddim_step",
+    "make_generator",
+    "sample_ancestral",
+    "sample_ddim",
+]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def _per_example(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 coefficients -> x.dtype, shaped (B, 1, ..., 1)."""
+    return v.to(x.dtype).reshape(x.shape[0], *([1] * (x.ndim - 1)))
+
+
+# ---------------------------------------------------------------------- per-step functions
+def ancestral_step(
+    diffusion: GaussianDiffusion,
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor | None,
+    clip_denoised: bool = True,
+    variance: str = "fixed_small",
+) -> torch.Tensor:
+    """One DDPM ancestral step ``x_{t-1} = mu(x_t, eps) + 1[t > 0] sigma_t noise``.
+
+    ``mu`` and ``log sigma_t^2`` come from :meth:`GaussianDiffusion.p_mean_variance`
+    (posterior mean at the predicted x_0; sigma_t^2 = btilde_t or beta_t). The noise is masked
+    per example where ``t == 0``. ``noise=None`` returns the mean (use it for the t = 0 step).
+    """
+    out = diffusion.p_mean_variance(eps, x_t, t, clip_denoised=clip_denoised, variance=variance)
+    if noise is None:
+        return out.mean
+    _check_like("noise", noise, x_t)
+    # sigma_t * 1[t > 0], per example (B, 1, ..., 1): cheaper than exp over the full tensor.
+    nonzero = _per_example((t != 0).to(torch.float64), x_t)
+    return out.mean + nonzero * diffusion.reverse_std(t, x_t, variance) * noise
+
+
+def _alphas_cumprod(diffusion_or_tables: GaussianDiffusion | torch.Tensor, device: torch.device):
+    if isinstance(diffusion_or_tables, GaussianDiffusion):
+        return diffusion_or_tables.table("alphas_cumprod", device)
+    if isinstance(diffusion_or_tables, torch.Tensor):
+        abar = diffusion_or_tables
+        if abar.ndim != 1 or not abar.is_floating_point():
+            raise ValueError(
+                "diffusion_or_tables must be a GaussianDiffusion or a 1-D float tensor of "
+                f"alphas_cumprod, got shape {tuple(abar.shape)} dtype {abar.dtype}"
+            )
+        return abar.to(device=device, dtype=torch.float64)
+    raise TypeError(
+        "diffusion_or_tables must be a GaussianDiffusion or an alphas_cumprod tensor, got "
+        f"{type(diffusion_or_tables).__name__}"
+    )
+
+
+def _check_eta(eta: float) -> float:
+    eta = float(eta)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    return eta
+
+
+def ddim_step(
+    diffusion_or_tables: GaussianDiffusion | torch.Tensor,
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_denoised: bool = True,
+) -> torch.Tensor:
+    """One DDIM step (Song et al. 2021, eq. 12) from index ``t`` to ``t_prev < t``.
+
+    With ``a = abar_t``, ``a' = abar_{t_prev}`` (``a' = 1`` where ``t_prev == -1``, the final
+    step to clean data)::
+
+        x0    = (x_t - sqrt(1 - a) eps) / sqrt(a)          (clamped to [-1, 1] if clip_denoised,
+                                                            then eps = (x_t - sqrt(a) x0)/sqrt(1-a))
+        sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')
+        x_prev = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma noise
+
+    ``diffusion_or_tables`` is a GaussianDiffusion or its ``alphas_cumprod`` (float, shape (T,)).
+    ``t`` and ``t_prev`` index that table (int64, shape (B,)). ``noise=None`` means zero noise
+    (fine when ``eta == 0`` or on the final step, where sigma = 0).
+    """
+    _check_x("x_t", x_t)
+    _check_like("eps", eps, x_t)
+    eta = _check_eta(eta)
+    abar = _alphas_cumprod(diffusion_or_tables, x_t.device)
+    T = abar.numel()
+    t = check_timesteps(t, x_t, T)
+    t_prev = check_timesteps(t_prev, x_t, T, name="t_prev", low=-1)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool((t_prev >= t).any()):
+        raise ValueError("t_prev must be smaller than t for every example")
+
+    # Coefficients in float64 on (B,), cast to x's dtype once.
+    a = abar.gather(0, t)
+    a_prev = torch.where(t_prev >= 0, abar.gather(0, t_prev.clamp(min=0)), torch.ones_like(a))
+    sigma = eta * ((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev)).clamp(min=0.0).sqrt()
+    dir_coef = (1.0 - a_prev - sigma**2).clamp(min=0.0).sqrt()
+
+    recip = _per_example(a.rsqrt(), x_t)  # 1 / sqrt(a)
+    recipm1 = _per_example((1.0 / a - 1.0).sqrt(), x_t)  # sqrt(1/a - 1)
+    pred_x0 = recip * x_t - recipm1 * eps
+    if clip_denoised:
+        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        eps = (recip * x_t - pred_x0) / recipm1
+    x_prev = _per_example(a_prev.sqrt(), x_t) * pred_x0 + _per_example(dir_coef, x_t) * eps
+    if noise is not None:
+        _check_like("noise", noise, x_t)
+        x_prev = x_prev + _per_example(sigma, x_t) * noise
+    return x_prev
+
+
+# ---------------------------------------------------------------------- loops
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if len(shape) < 1 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape}")
+    return shape
+
+
+def _resolve_device(
+    device: torch.device | str | None,
+    generator: torch.Generator | None,
+    x_T: torch.Tensor | None,
+) -> torch.device:
+    if device is None:
+        if x_T is not None:
+            device = x_T.device
+        elif generator is not None:
+            device = generator.device
+        else:
+            device = "cpu"
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but sampling runs on {device}; "
+            "use make_generator(seed, device)"
+        )
+    return device
+
+
+def _initial_noise(
+    shape: tuple[int, ...],
+    x_T: torch.Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    if x_T is None:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
+    return x_T.to(device=device, dtype=dtype)
+
+
+def _call_model(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    eps = model_fn(x, t)
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise ValueError(f"model_fn must return eps_hat of shape {tuple(x.shape)}, got {got}")
+    return eps.to(x.dtype)
+
+
+def _progress(it: Iterable[int], enabled: bool, total: int, desc: str) -> Iterable[int]:
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:  # pragma: no cover - tqdm is a dependency
+        raise ImportError("progress=True needs tqdm (pip install tqdm)") from e
+    return tqdm(it, total=total, desc=desc)
+
+
+def sample_ancestral(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    clip_denoised: bool = True,
+    variance: str = "fixed_small",
+    progress: bool = False,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DDPM ancestral sampling: x_T ~ N(0, I), then ``ancestral_step`` down to t = 0.
+
+    Args:
+        steps: None for the full T-step chain, or an int in [1, T] to sample on the respaced
+            diffusion (:meth:`GaussianDiffusion.respace`); the model always sees original
+            timestep indices.
+        variance: "fixed_small" (posterior btilde_t, default; the DDPM paper reports similar
+            sample quality for both, and btilde_t is exact for a delta data distribution) or
+            "fixed_large" (beta_t). ADM learns the variance; the JDM models do not.
+        device: defaults to x_T's device, else the generator's, else CPU.
+        x_T: optional starting noise (copied to ``device``/``dtype``); else drawn from generator.
+
+    Returns:
+        The x_0 samples, shape ``shape``, dtype ``dtype``.
+    """
+    shape = _check_shape(shape)
+    device = _resolve_device(device, generator, x_T)
+    if steps is None:
+        diff, tmap = diffusion, None
+    else:
+        diff, tmap_t = diffusion.respace(steps)
+        diff, tmap = diff.to(device), tmap_t.tolist()
+    x = _initial_noise(shape, x_T, generator, device, dtype)
+    batch = shape[0]
+    T = diff.num_timesteps
+    with torch.no_grad():
+        for i in _progress(reversed(range(T)), progress, T, "ancestral"):
+            t = torch.full((batch,), i, dtype=torch.long, device=device)
+            t_model = t if tmap is None else torch.full_like(t, tmap[i])
+            eps = _call_model(model_fn, x, t_model)
+            noise = (
+                torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                if i > 0
+                else None
+            )
+            x = ancestral_step(diff, eps, x, t, noise, clip_denoised, variance)
+    return x
+
+
+def sample_ddim(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    clip_denoised: bool = True,
+    progress: bool = False,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DDIM sampling over ``steps`` original timesteps ``spaced_timesteps(T, steps)``.
+
+    Steps from each selected timestep to the previous one on the ORIGINAL alphas_cumprod, the
+    last step to abar = 1 (t_prev = -1). ``eta = 0`` is deterministic given x_T; ``eta = 1``
+    matches the ancestral sampler's posterior variance on the same timesteps.
+
+    Returns:
+        The x_0 samples, shape ``shape``, dtype ``dtype``.
+    """
+    shape = _check_shape(shape)
+    eta = _check_eta(eta)
+    device = _resolve_device(device, generator, x_T)
+    seq = spaced_timesteps(diffusion.num_timesteps, steps)
+    x = _initial_noise(shape, x_T, generator, device, dtype)
+    batch = shape[0]
+    with torch.no_grad():
+        for k in _progress(reversed(range(len(seq))), progress, len(seq), "ddim"):
+            t = torch.full((batch,), seq[k], dtype=torch.long, device=device)
+            t_prev = torch.full_like(t, seq[k - 1] if k > 0 else -1)
+            eps = _call_model(model_fn, x, t)
+            noise = (
+                torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                if eta > 0 and k > 0
+                else None
+            )
+            x = ddim_step(diffusion, eps, x, t, t_prev, eta, noise, clip_denoised)
+    return x
