@@ -1,0 +1,102 @@
+"""Train a joint diffusion model: ``python -m jdm_fast.train [--preset digits] [--amp] ...``.
+
+Validates the options, resolves them against the preset into a frozen ``TrainConfig``, prints it,
+writes it to ``<out>/config.json`` and runs the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from jdm_fast.data.loaders import BACKENDS
+from jdm_fast.diffusion import SCHEDULES
+from jdm_fast.training.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_preset
+
+# flag -> TrainConfig field, for options that override the preset when given
+_OVERRIDES = ("data_dir", "out", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
+              "ema_decay", "amp", "compile", "augment", "labelled_fraction", "loader", "optimizer",
+              "eval_every", "save_every", "log_every", "sample_steps", "num_samples", "seed", "device",
+              "resume", "num_timesteps", "schedule", "dataset")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jdm_fast.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--dataset", help="override the preset's dataset (a name or a class-per-folder path)")
+    p.add_argument("--data-dir", help="folder holding the dataset's standard files (never downloaded)")
+    p.add_argument("--out", help="run directory (default runs/<preset>)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (preset default; 0 disables)")
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast where the hardware has fast bf16, fp16+GradScaler on other GPUs, "
+                        "fp32 on CPUs without native bf16")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on for CUDA, off on CPU)")
+    p.add_argument("--dropout", type=float, help="UNet dropout")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment the classifier input (--no-augment to turn off)")
+    p.add_argument("--labelled-fraction", type=float, help="fraction of training labels kept (semi-supervised)")
+    p.add_argument("--classifier-weight", type=float, help="lambda of the joint loss")
+    p.add_argument("--classifier-input", choices=["x0", "xt"], help="classifier on clean x0 (t=0) or noisy x_t")
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--num-timesteps", type=int)
+    p.add_argument("--loader", choices=BACKENDS)
+    p.add_argument("--optimizer", choices=["adamw", "apex"])
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--sample-steps", type=int, help="DDIM steps of the sample grids")
+    p.add_argument("--num-samples", type=int, help="images per sample grid")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Preset + explicitly given flags -> a validated TrainConfig."""
+    base = get_preset(args.preset)
+    changes = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    if changes.get("resume") is False:
+        del changes["resume"]
+    if changes.get("grad_clip") == 0:
+        changes["grad_clip"] = None
+    if "out" not in changes and base.out == f"runs/{base.preset}":
+        changes["out"] = f"runs/{args.preset}"
+    model = base.model
+    if args.dropout is not None:
+        model = dataclasses.replace(model, unet=dataclasses.replace(model.unet, dropout=args.dropout))
+    if args.classifier_weight is not None:
+        model = dataclasses.replace(model, classifier_weight=args.classifier_weight)
+    if args.classifier_input is not None:
+        model = dataclasses.replace(model, classifier_input=args.classifier_input)
+    return dataclasses.replace(base, model=model, **changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
+    from jdm_fast.training.loop import train  # heavy imports after option validation
+
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

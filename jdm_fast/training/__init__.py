@@ -1,0 +1,1 @@
+"""Pieces of the trainer: presets and config, precision, EMA, checkpoints, evaluation, the loop."""

@@ -1,0 +1,116 @@
+"""Presets and the frozen training configuration that the CLI resolves and writes as config.json."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from jdm_fast.models.config import HeadConfig, UNetConfig
+from jdm_fast.models.joint import CLASSIFIER_INPUTS, JointConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. ``model`` carries the UNet, head and joint-loss settings."""
+
+    preset: str
+    dataset: str
+    model: JointConfig
+    num_timesteps: int = 1000
+    schedule: str = "jdm_linear"
+    data_dir: str | None = None
+    out: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 64  # global batch
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_decay: float = 0.9999
+    amp: bool = False
+    compile: bool | None = None  # None = auto (on for CUDA, off on CPU)
+    augment: bool = True  # classifier-input augmentation
+    labelled_fraction: float = 1.0
+    loader: str = "auto"
+    optimizer: str = "adamw"  # or "apex" (apex FusedAdam, when installed)
+    eval_every: int = 500
+    save_every: int = 500
+    log_every: int = 50
+    sample_steps: int = 50  # DDIM steps of the preview grids
+    num_samples: int = 64
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", JointConfig(**self.model))
+        checks = [
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
+            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
+            (0.0 < self.labelled_fraction <= 1.0,
+             f"--labelled-fraction must be in (0, 1], got {self.labelled_fraction}"),
+            (self.optimizer in ("adamw", "apex"), f"--optimizer must be adamw or apex, got {self.optimizer!r}"),
+            (min(self.eval_every, self.save_every, self.log_every) >= 1,
+             "--eval-every, --save-every and --log-every must be >= 1"),
+            (1 <= self.sample_steps <= self.num_timesteps,
+             f"--sample-steps must be in [1, {self.num_timesteps}], got {self.sample_steps}"),
+            (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
+            (self.num_timesteps >= 1, f"num_timesteps must be >= 1, got {self.num_timesteps}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _joint(unet: UNetConfig, num_classes: int = 10, head_dropout: float = 0.7, lam: float = 1e-3) -> JointConfig:
+    return JointConfig(unet=unet, head=HeadConfig(num_classes=num_classes, dropout=head_dropout),
+                       classifier_weight=lam)
+
+
+_CIFAR_UNET = UNetConfig(image_size=32, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
+                         num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4, dropout=0.3)
+_PAPER = dict(schedule="jdm_linear", lr=1e-4, ema_decay=0.9999, eval_every=5000, save_every=5000,
+              log_every=100, sample_steps=100)
+
+# The default preset: a small model on the 5,000 embedded MNIST digits that trains on a 2-core CPU
+# in under 10 minutes. Its settings were tuned for that budget (see README); the others are the
+# paper's configurations (PAPER.md).
+PRESETS: dict[str, TrainConfig] = {
+    "digits": TrainConfig(
+        preset="digits", dataset="digits",
+        model=_joint(UNetConfig(image_size=28, in_channels=1, model_channels=32, channel_mult=(1, 2, 2),
+                                num_res_blocks=1, attention_resolutions=(7,), num_heads=None,
+                                num_head_channels=32, dropout=0.0, num_groups=8),
+                     head_dropout=0.3, lam=1e-3),
+        num_timesteps=500, schedule="jdm_linear", steps=1000, batch_size=64, lr=1e-3, warmup_steps=100,
+        grad_clip=1.0, ema_decay=0.995, eval_every=500, save_every=250, log_every=25, sample_steps=25,
+        out="runs/digits",
+    ),
+    "cifar10": TrainConfig(preset="cifar10", dataset="cifar10", model=_joint(_CIFAR_UNET, 10),
+                           steps=500_000, batch_size=256, out="runs/cifar10", **_PAPER),
+    "cifar100": TrainConfig(preset="cifar100", dataset="cifar100", model=_joint(_CIFAR_UNET, 100),
+                            steps=500_000, batch_size=256, out="runs/cifar100", **_PAPER),
+    "svhn": TrainConfig(preset="svhn", dataset="svhn", model=_joint(_CIFAR_UNET, 10),
+                        steps=250_000, batch_size=256, out="runs/svhn", **_PAPER),
+    "fashionmnist": TrainConfig(
+        preset="fashionmnist", dataset="fashionmnist",
+        model=_joint(UNetConfig(image_size=28, in_channels=1, model_channels=64, channel_mult=(1, 2, 2),
+                                num_res_blocks=3, attention_resolutions=(14, 7), num_heads=4, dropout=0.3)),
+        num_timesteps=500, steps=100_000, batch_size=128, out="runs/fashionmnist", **_PAPER,
+    ),
+}
+DEFAULT_PRESET = "digits"
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,36 @@
+"""Evaluation used during training: head accuracy on the test split, preview samples."""
+from __future__ import annotations
+
+import torch
+
+from jdm_fast.data import ImageDataset
+from jdm_fast.diffusion import make_generator, sample_ddim
+from jdm_fast.models.joint import JointDiffusion
+
+
+@torch.no_grad()
+def test_accuracy(model: JointDiffusion, dataset: ImageDataset, device: torch.device, batch_size: int = 500) -> float:
+    """Head accuracy at t = 0, eval mode, no augmentation (PAPER.md's protocol), in fp32."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    images = torch.from_numpy(dataset.images)  # (N, H, W, C) uint8
+    labels = torch.from_numpy(dataset.labels)
+    for i in range(0, len(dataset), batch_size):
+        x = images[i:i + batch_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = labels[i:i + batch_size].to(device)
+        correct += (model.classify(x).argmax(dim=1) == y).sum()
+    model.train(was_training)
+    return correct.item() / len(dataset)
+
+
+@torch.no_grad()
+def preview_samples(model: JointDiffusion, num: int, steps: int, seed: int, device: torch.device) -> torch.Tensor:
+    """DDIM samples (eta = 0) from a fixed seed, so grids of successive evaluations are comparable."""
+    was_training = model.training
+    model.eval()
+    cfg = model.config.unet
+    x = sample_ddim(model.unet, model.diffusion, (num, cfg.in_channels, cfg.image_size, cfg.image_size),
+                    steps=steps, generator=make_generator(seed, device), device=device)
+    model.train(was_training)
+    return x
