@@ -16,7 +16,7 @@ from jdm_fast.training.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_p
 # flag -> TrainConfig field, for options that override the preset when given
 _OVERRIDES = ("data_dir", "out", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
               "ema_decay", "amp", "compile", "augment", "labelled_fraction", "loader", "optimizer",
-              "eval_every", "save_every", "log_every", "sample_steps", "num_samples", "seed", "device",
+              "eval_every", "save_every", "log_every", "sampler", "sample_steps", "num_samples", "seed", "device",
               "resume", "num_timesteps", "schedule", "dataset")
 
 
@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--log-every", type=int)
-    p.add_argument("--sample-steps", type=int, help="DDIM steps of the sample grids")
+    p.add_argument("--sampler", choices=["ancestral", "ddim"], help="sampler of the sample grids")
+    p.add_argument("--sample-steps", type=int, help="sampler steps of the sample grids")
     p.add_argument("--num-samples", type=int, help="images per sample grid")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
@@ -68,8 +69,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         del changes["resume"]
     if changes.get("grad_clip") == 0:
         changes["grad_clip"] = None
-    if "out" not in changes and base.out == f"runs/{base.preset}":
-        changes["out"] = f"runs/{args.preset}"
     model = base.model
     if args.dropout is not None:
         model = dataclasses.replace(model, unet=dataclasses.replace(model.unet, dropout=args.dropout))
@@ -88,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
-    from jdm_fast.training.loop import train  # heavy imports after option validation
+    from jdm_fast.training.loop import NonFiniteLossError, train  # heavy imports after option validation
 
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: name it, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

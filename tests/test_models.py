@@ -192,3 +192,13 @@ def test_tiny_model_overfits_a_small_batch():
     d1, c1 = eval_losses()
     assert d1 < 0.5 * d0, (d0, d1)
     assert c1 < 0.3 * c0, (c0, c1)
+
+
+def test_kernels_install_as_a_subpackage_only(tmp_path):
+    """setup.py maps kernels/ to jdm_fast.kernels; no top-level ``kernels`` module is installed."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, jdm_fast.kernels; "
+            "assert importlib.util.find_spec('kernels') is None, 'top-level kernels module installed'")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)

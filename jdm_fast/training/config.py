@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 
 from jdm_fast.models.config import HeadConfig, UNetConfig
-from jdm_fast.models.joint import CLASSIFIER_INPUTS, JointConfig
+from jdm_fast.models.joint import JointConfig
+from jdm_fast.training.evaluation import SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 500
     log_every: int = 50
-    sample_steps: int = 50  # DDIM steps of the preview grids
+    sampler: str = "ancestral"  # sampler of the preview grids: ancestral (respaced) or ddim
+    sample_steps: int = 100  # its number of steps
     num_samples: int = 64
     seed: int = 0
     device: str = "auto"
@@ -59,6 +61,7 @@ class TrainConfig:
              "--eval-every, --save-every and --log-every must be >= 1"),
             (1 <= self.sample_steps <= self.num_timesteps,
              f"--sample-steps must be in [1, {self.num_timesteps}], got {self.sample_steps}"),
+            (self.sampler in SAMPLERS, f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}"),
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
             (self.num_timesteps >= 1, f"num_timesteps must be >= 1, got {self.num_timesteps}"),
         ]
@@ -78,7 +81,7 @@ def _joint(unet: UNetConfig, num_classes: int = 10, head_dropout: float = 0.7, l
 _CIFAR_UNET = UNetConfig(image_size=32, in_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2),
                          num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4, dropout=0.3)
 _PAPER = dict(schedule="jdm_linear", lr=1e-4, ema_decay=0.9999, eval_every=5000, save_every=5000,
-              log_every=100, sample_steps=100)
+              log_every=100, sample_steps=250)
 
 # The default preset: a small model on the 5,000 embedded MNIST digits that trains on a 2-core CPU
 # in under 10 minutes. Its settings were tuned for that budget (see README); the others are the
@@ -90,9 +93,9 @@ PRESETS: dict[str, TrainConfig] = {
                                 num_res_blocks=1, attention_resolutions=(7,), num_heads=None,
                                 num_head_channels=32, dropout=0.0, num_groups=8),
                      head_dropout=0.3, lam=1e-3),
-        num_timesteps=500, schedule="jdm_linear", steps=1000, batch_size=64, lr=1e-3, warmup_steps=100,
-        grad_clip=1.0, ema_decay=0.995, eval_every=500, save_every=250, log_every=25, sample_steps=25,
-        out="runs/digits",
+        num_timesteps=500, schedule="jdm_linear", steps=600, batch_size=64, lr=1e-3, warmup_steps=100,
+        grad_clip=1.0, ema_decay=0.995, eval_every=300, save_every=100, log_every=25, sample_steps=100,
+        num_samples=36, out="runs/digits",
     ),
     "cifar10": TrainConfig(preset="cifar10", dataset="cifar10", model=_joint(_CIFAR_UNET, 10),
                            steps=500_000, batch_size=256, out="runs/cifar10", **_PAPER),

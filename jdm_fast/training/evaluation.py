@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from jdm_fast.data import ImageDataset
-from jdm_fast.diffusion import make_generator, sample_ddim
+from jdm_fast.diffusion import make_generator, sample_ancestral, sample_ddim
+
+SAMPLERS = ("ancestral", "ddim")
 from jdm_fast.models.joint import JointDiffusion
 
 
@@ -25,12 +27,16 @@ def test_accuracy(model: JointDiffusion, dataset: ImageDataset, device: torch.de
 
 
 @torch.no_grad()
-def preview_samples(model: JointDiffusion, num: int, steps: int, seed: int, device: torch.device) -> torch.Tensor:
-    """DDIM samples (eta = 0) from a fixed seed, so grids of successive evaluations are comparable."""
+def preview_samples(model: JointDiffusion, num: int, steps: int, seed: int, device: torch.device,
+                    sampler: str = "ancestral") -> torch.Tensor:
+    """Samples from a fixed seed (so grids of successive evaluations are comparable): the ancestral
+    sampler on ``steps`` respaced timesteps, or DDIM (eta = 0) with ``steps`` steps. Early in
+    training the ancestral sampler gives much cleaner images than DDIM at the same step count."""
     was_training = model.training
     model.eval()
     cfg = model.config.unet
-    x = sample_ddim(model.unet, model.diffusion, (num, cfg.in_channels, cfg.image_size, cfg.image_size),
-                    steps=steps, generator=make_generator(seed, device), device=device)
+    sample = {"ancestral": sample_ancestral, "ddim": sample_ddim}[sampler]
+    x = sample(model.unet, model.diffusion, (num, cfg.in_channels, cfg.image_size, cfg.image_size),
+               steps=steps, generator=make_generator(seed, device), device=device)
     model.train(was_training)
     return x

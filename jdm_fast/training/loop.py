@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         acc_raw = test_accuracy(model, test_ds, device)
         acc_ema = test_accuracy(ema.model, test_ds, device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            samples = preview_samples(ema.model, cfg.num_samples, cfg.sample_steps, cfg.seed, device)
+            samples = preview_samples(ema.model, cfg.num_samples, cfg.sample_steps, cfg.seed, device, cfg.sampler)
         grid = save_grid(samples, out / ("samples_final.png" if final else f"samples_{step:07d}.png"))
         entry = {"kind": "eval", "step": step, "test_acc_raw": acc_raw, "test_acc_ema": acc_ema, "samples": str(grid)}
         record(entry)
@@ -207,7 +207,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     tick_start, tick_steps = time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout,
                disable=None)
-    last_eval = None
     for step in range(start_step, cfg.steps):
         x, y = next(batches)
         with autocast(device, precision):
@@ -226,12 +225,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
         tick_steps += 1
         done = step + 1
         bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            total, diff, cls, correct, labelled = (sums / tick_steps).tolist()  # host sync, once per tick
+        tick = done % cfg.log_every == 0 or done == cfg.steps
+        if tick or done % cfg.save_every == 0:
+            # One host sync per tick or save: nothing non-finite is ever logged as fine or saved.
+            total, diff, cls, correct, labelled = (sums / tick_steps).tolist()
             if not all(math.isfinite(v) for v in (total, diff, cls)):
                 raise NonFiniteLossError(
                     f"non-finite loss (total={total}, diffusion={diff}, classifier={cls}) in steps "
                     f"{done - tick_steps + 1}..{done}; last good checkpoint: {ckpt_path}")
+        if tick:
             elapsed = time.perf_counter() - tick_start
             entry = {"kind": "train", "step": done, "loss": total, "diffusion": diff, "classifier": cls,
                      "train_acc": correct / labelled if labelled else None,
@@ -246,9 +248,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
         if done % cfg.save_every == 0 or done == cfg.steps:
             save(done)
         if done % cfg.eval_every == 0 and done != cfg.steps:
-            last_eval = evaluate(done)
-            bar.write(f"step {done}: test accuracy raw {last_eval['test_acc_raw']:.2%} | "
-                      f"EMA {last_eval['test_acc_ema']:.2%} | samples {last_eval['samples']}")
+            eval_start = time.perf_counter()
+            result = evaluate(done)
+            tick_start += time.perf_counter() - eval_start  # keep evaluation out of images/s
+            bar.write(f"step {done}: test accuracy raw {result['test_acc_raw']:.2%} | "
+                      f"EMA {result['test_acc_ema']:.2%} | samples {result['samples']}")
     bar.close()
     final = evaluate(cfg.steps, final=True)
     _export_safetensors(model, out / "model.safetensors", cfg)
