@@ -162,3 +162,18 @@ def test_cli_missing_data_dir_and_wrong_image_size(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
     assert cli.main(["--preset", "cifar10", "--dataset", "digits", "--out", str(tmp_path / "c")]) == 2
     assert "28x28x1 images but preset 'cifar10' expects 32x32x3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_preset_learns_to_classify_real_digits(tmp_path):
+    """The default preset, shortened to 150 steps (1/4 of its schedule), already classifies the
+    1,000 held-out real MNIST digits far above chance (10%) and its diffusion loss falls."""
+    from jdm_fast.training.config import get_preset
+
+    cfg = dataclasses.replace(get_preset("digits"), out=str(tmp_path / "run"), steps=150, eval_every=1000,
+                              save_every=150, num_samples=4, sample_steps=10, device="cpu", amp=False)
+    final = train(cfg, log=lambda *_: None)
+    assert final["test_acc_ema"] >= 0.85, final
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    diffusion = [e["diffusion"] for e in lines if e["kind"] == "train"]
+    assert diffusion[-1] < 0.25 * diffusion[0], diffusion
