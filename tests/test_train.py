@@ -81,8 +81,10 @@ def test_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_pat
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
         train(tiny_config(tmp_path / "empty", resume=True), log=lambda *_: None)
     other = dataclasses.replace(TINY_MODEL, unet=dataclasses.replace(TINY_MODEL.unet, model_channels=16))
-    with pytest.raises(ValueError, match="configuration differs"):
+    with pytest.raises(ValueError, match=r"configuration differs .* in \['model'\]"):
         train(tiny_config(out, steps=4, resume=True, model=other), log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"in \['seed', 'batch_size'\]"):
+        train(tiny_config(out, steps=4, resume=True, seed=4, batch_size=8), log=lambda *_: None)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

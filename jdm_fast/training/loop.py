@@ -32,6 +32,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# What a resumed run must share with the original one: the model, the diffusion, and everything
+# the data order and labels derive from (the data position is (seed, step)).
+_RESUME_MUST_MATCH = ("model", "schedule", "num_timesteps", "dataset", "seed", "batch_size",
+                      "labelled_fraction", "augment")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,8 +153,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.resume:
         state = load_checkpoint(ckpt_path)
         saved = TrainConfig(**state["config"])
-        if saved.model != cfg.model or (saved.schedule, saved.num_timesteps) != (cfg.schedule, cfg.num_timesteps):
-            raise ValueError(f"--resume: the model/diffusion configuration differs from the one in {ckpt_path}")
+        differ = [f for f in _RESUME_MUST_MATCH if getattr(saved, f) != getattr(cfg, f)]
+        if differ:
+            raise ValueError(f"--resume: the configuration differs from the one in {ckpt_path} in {differ}; "
+                             "resume with the settings of the original run")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
