@@ -1,0 +1,655 @@
+"""Fused GroupNorm -> FiLM scale/shift -> optional SiLU: Triton kernels and launchers (issue 3).
+
+Forward, per sample n and group g (statistics over the group's C/G channels x H x W, fp32)::
+
+    xhat = (x - mean) * rstd                  rstd = 1 / sqrt(var + eps), biased variance
+    a    = xhat * w[c] + b[c]
+    z    = a * (1 + s[n, c]) + sh[n, c]
+    y    = act(z)                             act = SiLU or identity
+
+Backward (the equations the backward kernels implement)::
+
+    dz            = dy * act'(z)              silu'(z) = sig(z) * (1 + z * (1 - sig(z)))
+    dshift[n, c]  = sum_hw dz
+    dscale[n, c]  = sum_hw dz * a
+    da            = dz * (1 + s)
+    dw[c]         = sum_{n, hw} da * xhat     (per-(n, c) fp32 partials, then a second kernel
+    db[c]         = sum_{n, hw} da             sums over n in a fixed order: deterministic)
+    dxhat         = da * w
+    dx            = rstd * (dxhat - mean_grp(dxhat) - xhat * mean_grp(dxhat * xhat))
+
+Since dxhat = da * w[c], the group means follow from the per-channel partials:
+mean_grp(dxhat) = sum_c w[c] * db_part[n, c] / count, mean_grp(dxhat * xhat) = sum_c w[c] *
+dw_part[n, c] / count, which is how the looped backward gets them in its reduction pass.
+
+One program per (n, g). Two variants of each direction: single-pass (the whole group is one
+[BLOCK_C, BLOCK_HW] register tile: x and dy read once) and looped (chunks over channels and HW;
+the forward merges per-chunk (count, mean, M2) with Chan's formula, never E[x^2] - E[x]^2).
+x / y / dy / dx are (N, C, H, W), contiguous or channels_last: H and W are flattened with
+stride_hw = stride(3), which requires stride(2) == W * stride(3).
+
+Presence flags and the activation flag are plain ints (not constexpr, not specialized), so the
+flags do not multiply compiled variants; BLOCK_C and BLOCK_HW are the only constexprs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_FLAGS = ["has_w", "has_b", "has_scale", "has_shift", "act"]
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _silu_grad(z):
+    """d silu(z) / dz for fp32 z."""
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit(do_not_specialize=_FLAGS)
+def _gn_fwd_single_kernel(
+    x_ptr,  # (N, C, H, W) input, any float dtype, strides below
+    y_ptr,  # (N, C, H, W) output, x's dtype
+    w_ptr,  # (C,) weight, or a dummy when has_w == 0
+    b_ptr,  # (C,) bias, or a dummy when has_b == 0
+    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
+    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
+    mean_ptr,  # (N, G) fp32 out: group mean
+    rstd_ptr,  # (N, G) fp32 out: 1 / sqrt(var + eps)
+    G,  # number of groups
+    CG,  # channels per group, C // G
+    HW,  # H * W
+    sx_n, sx_c, sx_hw,  # x strides (elements) of n, c and the flattened h*w
+    sy_n, sy_c, sy_hw,  # y strides
+    ss_n, ss_c,  # scale strides
+    ssh_n, ssh_c,  # shift strides
+    eps,  # float; may arrive as fp64 under Inductor
+    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
+    act,  # int: 1 = SiLU, 0 = identity
+    BLOCK_C: tl.constexpr,  # >= CG, power of 2
+    BLOCK_HW: tl.constexpr,  # >= HW, power of 2
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cc = tl.arange(0, BLOCK_C)
+    hh = tl.arange(0, BLOCK_HW)
+    c_mask = cc < CG
+    mask = c_mask[:, None] & (hh < HW)[None, :]
+    ch = g * CG + cc  # absolute channel index, [BLOCK_C]
+    n64 = n.to(tl.int64)
+
+    x = tl.load(x_ptr + n64 * sx_n + ch[:, None] * sx_c + hh[None, :] * sx_hw, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    count = (CG * HW).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+    d = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
+    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+
+    w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0).to(tl.float32)
+    z = (d * rstd * w[:, None] + b[:, None]) * (1.0 + s[:, None]) + sh[:, None]
+    z = tl.where(act != 0, z / (1.0 + tl.exp(-z)), z)
+    tl.store(y_ptr + n64 * sy_n + ch[:, None] * sy_c + hh[None, :] * sy_hw, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_FLAGS)
+def _gn_fwd_looped_kernel(
+    x_ptr,  # (N, C, H, W) input, any float dtype, strides below
+    y_ptr,  # (N, C, H, W) output, x's dtype
+    w_ptr,  # (C,) weight, or a dummy when has_w == 0
+    b_ptr,  # (C,) bias, or a dummy when has_b == 0
+    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
+    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
+    mean_ptr,  # (N, G) fp32 out: group mean
+    rstd_ptr,  # (N, G) fp32 out: 1 / sqrt(var + eps)
+    G,  # number of groups
+    CG,  # channels per group, C // G
+    HW,  # H * W
+    sx_n, sx_c, sx_hw,  # x strides (elements) of n, c and the flattened h*w
+    sy_n, sy_c, sy_hw,  # y strides
+    ss_n, ss_c,  # scale strides
+    ssh_n, ssh_c,  # shift strides
+    eps,  # float; may arrive as fp64 under Inductor
+    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
+    act,  # int: 1 = SiLU, 0 = identity
+    BLOCK_C: tl.constexpr,  # channel chunk, power of 2
+    BLOCK_HW: tl.constexpr,  # h*w chunk, power of 2
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cc = tl.arange(0, BLOCK_C)
+    hh = tl.arange(0, BLOCK_HW)
+    n64 = n.to(tl.int64)
+    x_base = x_ptr + n64 * sx_n
+    y_base = y_ptr + n64 * sy_n
+
+    # pass 1: statistics, per-chunk (count, mean, M2) merged with Chan's formula
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, CG, BLOCK_C):
+        c_mask = (c0 + cc) < CG
+        ch = g * CG + c0 + cc
+        nc = tl.minimum(CG - c0, BLOCK_C)
+        for h0 in range(0, HW, BLOCK_HW):
+            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            nb = (nc * tl.minimum(HW - h0, BLOCK_HW)).to(tl.float32)
+            bmean = tl.sum(tl.sum(x, axis=1), axis=0) / nb
+            d = tl.where(mask, x - bmean, 0.0)
+            bm2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+            tot = cnt + nb
+            delta = bmean - mean
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + bm2 + delta * delta * (cnt * (nb / tot))
+            cnt = tot
+    rstd = 1.0 / tl.sqrt(m2 / cnt + tl.cast(eps, tl.float32))
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+
+    # pass 2: normalize, affine, FiLM, activation
+    for c0 in range(0, CG, BLOCK_C):
+        c_mask = (c0 + cc) < CG
+        ch = g * CG + c0 + cc
+        w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0)
+        sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0)
+        wr = (w * rstd)[:, None]
+        s1 = (1.0 + s.to(tl.float32))[:, None]
+        sh = sh.to(tl.float32)[:, None]
+        for h0 in range(0, HW, BLOCK_HW):
+            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
+            z = ((x.to(tl.float32) - mean) * wr + b[:, None]) * s1 + sh
+            z = tl.where(act != 0, z / (1.0 + tl.exp(-z)), z)
+            tl.store(y_base + ch[:, None] * sy_c + (h0 + hh)[None, :] * sy_hw, z.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+@triton.jit(do_not_specialize=_FLAGS)
+def _gn_bwd_single_kernel(
+    dy_ptr,  # (N, C, H, W) upstream gradient, x's dtype, own strides
+    x_ptr,  # (N, C, H, W) forward input
+    dx_ptr,  # (N, C, H, W) out: input gradient, x's dtype and layout
+    w_ptr,  # (C,) weight, or a dummy when has_w == 0
+    b_ptr,  # (C,) bias, or a dummy when has_b == 0
+    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
+    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
+    mean_ptr,  # (N, G) fp32 group mean from the forward
+    rstd_ptr,  # (N, G) fp32 group rstd from the forward
+    dw_part_ptr,  # (N, C) fp32 out: sum_hw da * xhat (written when has_w)
+    db_part_ptr,  # (N, C) fp32 out: sum_hw da (written when has_b)
+    dscale_ptr,  # (N, C) fp32 out, contiguous: sum_hw dz * a (written when has_scale)
+    dshift_ptr,  # (N, C) fp32 out, contiguous: sum_hw dz (written when has_shift)
+    C,  # channels
+    G,  # number of groups
+    CG,  # channels per group, C // G
+    HW,  # H * W
+    sdy_n, sdy_c, sdy_hw,  # dy strides
+    sx_n, sx_c, sx_hw,  # x strides
+    sdx_n, sdx_c, sdx_hw,  # dx strides
+    ss_n, ss_c,  # scale strides
+    ssh_n, ssh_c,  # shift strides
+    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
+    act,  # int: 1 = SiLU, 0 = identity
+    BLOCK_C: tl.constexpr,  # >= CG, power of 2
+    BLOCK_HW: tl.constexpr,  # >= HW, power of 2
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cc = tl.arange(0, BLOCK_C)
+    hh = tl.arange(0, BLOCK_HW)
+    c_mask = cc < CG
+    mask = c_mask[:, None] & (hh < HW)[None, :]
+    ch = g * CG + cc
+    n64 = n.to(tl.int64)
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+
+    w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0).to(tl.float32)
+
+    x = tl.load(x_ptr + n64 * sx_n + ch[:, None] * sx_c + hh[None, :] * sx_hw, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + n64 * sdy_n + ch[:, None] * sdy_c + hh[None, :] * sdy_hw, mask=mask, other=0.0)
+    xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+    a = xhat * w[:, None] + b[:, None]
+    s1 = 1.0 + s
+    dz = dy.to(tl.float32)
+    z = a * s1[:, None] + sh[:, None]
+    dz = tl.where(act != 0, dz * _silu_grad(z), dz)  # masked lanes: dy = 0 -> dz = 0
+
+    dshift = tl.sum(dz, axis=1)
+    dscale = tl.sum(dz * a, axis=1)
+    row = n64 * C + ch
+    tl.store(dshift_ptr + row, dshift, mask=c_mask & (has_shift != 0))
+    tl.store(dscale_ptr + row, dscale, mask=c_mask & (has_scale != 0))
+    da = dz * s1[:, None]
+    dw_part = tl.sum(da * xhat, axis=1)
+    db_part = tl.sum(da, axis=1)
+    tl.store(dw_part_ptr + row, dw_part, mask=c_mask & (has_w != 0))
+    tl.store(db_part_ptr + row, db_part, mask=c_mask & (has_b != 0))
+
+    count = (CG * HW).to(tl.float32)
+    m1 = tl.sum(w * db_part, axis=0) / count  # mean_grp(dxhat)
+    m2 = tl.sum(w * dw_part, axis=0) / count  # mean_grp(dxhat * xhat)
+    dx = rstd * (da * w[:, None] - m1 - xhat * m2)
+    tl.store(dx_ptr + n64 * sdx_n + ch[:, None] * sdx_c + hh[None, :] * sdx_hw, dx.to(dx_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit(do_not_specialize=_FLAGS)
+def _gn_bwd_looped_kernel(
+    dy_ptr,  # (N, C, H, W) upstream gradient, x's dtype, own strides
+    x_ptr,  # (N, C, H, W) forward input
+    dx_ptr,  # (N, C, H, W) out: input gradient, x's dtype and layout
+    w_ptr,  # (C,) weight, or a dummy when has_w == 0
+    b_ptr,  # (C,) bias, or a dummy when has_b == 0
+    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
+    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
+    mean_ptr,  # (N, G) fp32 group mean from the forward
+    rstd_ptr,  # (N, G) fp32 group rstd from the forward
+    dw_part_ptr,  # (N, C) fp32 out: sum_hw da * xhat (written when has_w)
+    db_part_ptr,  # (N, C) fp32 out: sum_hw da (written when has_b)
+    dscale_ptr,  # (N, C) fp32 out, contiguous: sum_hw dz * a (written when has_scale)
+    dshift_ptr,  # (N, C) fp32 out, contiguous: sum_hw dz (written when has_shift)
+    C,  # channels
+    G,  # number of groups
+    CG,  # channels per group, C // G
+    HW,  # H * W
+    sdy_n, sdy_c, sdy_hw,  # dy strides
+    sx_n, sx_c, sx_hw,  # x strides
+    sdx_n, sdx_c, sdx_hw,  # dx strides
+    ss_n, ss_c,  # scale strides
+    ssh_n, ssh_c,  # shift strides
+    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
+    act,  # int: 1 = SiLU, 0 = identity
+    BLOCK_C: tl.constexpr,  # channel chunk, power of 2
+    BLOCK_HW: tl.constexpr,  # h*w chunk, power of 2
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cc = tl.arange(0, BLOCK_C)
+    hh = tl.arange(0, BLOCK_HW)
+    n64 = n.to(tl.int64)
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    x_base = x_ptr + n64 * sx_n
+    dy_base = dy_ptr + n64 * sdy_n
+    dx_base = dx_ptr + n64 * sdx_n
+
+    # pass 1: per-channel sums, and the two group sums sum_c w * db_part, sum_c w * dw_part
+    sum1 = 0.0
+    sum2 = 0.0
+    for c0 in range(0, CG, BLOCK_C):
+        c_mask = (c0 + cc) < CG
+        ch = g * CG + c0 + cc
+        w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0)
+        sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0)
+        s1 = 1.0 + s.to(tl.float32)
+        sh = sh.to(tl.float32)
+        acc_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_dza = tl.zeros([BLOCK_C], dtype=tl.float32)
+        acc_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum_hw dz * xhat
+        for h0 in range(0, HW, BLOCK_HW):
+            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
+            dy = tl.load(dy_base + ch[:, None] * sdy_c + (h0 + hh)[None, :] * sdy_hw, mask=mask, other=0.0)
+            xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+            a = xhat * w[:, None] + b[:, None]
+            dz = dy.to(tl.float32)
+            z = a * s1[:, None] + sh[:, None]
+            dz = tl.where(act != 0, dz * _silu_grad(z), dz)
+            acc_dz += tl.sum(dz, axis=1)
+            acc_dza += tl.sum(dz * a, axis=1)
+            acc_dzx += tl.sum(dz * xhat, axis=1)
+        row = n64 * C + ch
+        tl.store(dshift_ptr + row, acc_dz, mask=c_mask & (has_shift != 0))
+        tl.store(dscale_ptr + row, acc_dza, mask=c_mask & (has_scale != 0))
+        dw_part = acc_dzx * s1  # (1 + s) is constant per (n, c): sum da*xhat = (1+s) sum dz*xhat
+        db_part = acc_dz * s1
+        tl.store(dw_part_ptr + row, dw_part, mask=c_mask & (has_w != 0))
+        tl.store(db_part_ptr + row, db_part, mask=c_mask & (has_b != 0))
+        sum1 += tl.sum(tl.where(c_mask, w * db_part, 0.0), axis=0)
+        sum2 += tl.sum(tl.where(c_mask, w * dw_part, 0.0), axis=0)
+
+    count = (CG * HW).to(tl.float32)
+    m1 = sum1 / count  # mean_grp(dxhat)
+    m2 = sum2 / count  # mean_grp(dxhat * xhat)
+
+    # pass 2: dx
+    for c0 in range(0, CG, BLOCK_C):
+        c_mask = (c0 + cc) < CG
+        ch = g * CG + c0 + cc
+        w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
+        b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0)
+        sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0)
+        s1 = 1.0 + s.to(tl.float32)
+        sh = sh.to(tl.float32)
+        for h0 in range(0, HW, BLOCK_HW):
+            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
+            dy = tl.load(dy_base + ch[:, None] * sdy_c + (h0 + hh)[None, :] * sdy_hw, mask=mask, other=0.0)
+            xhat = (x.to(tl.float32) - mean) * rstd
+            a = xhat * w[:, None] + b[:, None]
+            dz = dy.to(tl.float32)
+            z = a * s1[:, None] + sh[:, None]
+            dz = tl.where(act != 0, dz * _silu_grad(z), dz)
+            dx = rstd * (dz * (s1 * w)[:, None] - m1 - xhat * m2)
+            tl.store(dx_base + ch[:, None] * sdx_c + (h0 + hh)[None, :] * sdx_hw, dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+@triton.jit
+def _sum_over_n_kernel(
+    part_ptr,  # (N, C) fp32 contiguous per-sample partials
+    out_ptr,  # (C,) out: sum over n, in the parameter's dtype
+    N,  # samples
+    C,  # channels
+    BLOCK: tl.constexpr,  # channels per program
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for n in range(0, N):  # fixed order: bit-identical across runs
+        acc += tl.load(part_ptr + n * C + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_REDUCE_BLOCK = 256
+_REDUCE_WARPS = 4
+
+
+# ------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class GNConfig:
+    """One launch configuration: which variant and its tile."""
+
+    single_pass: bool  # whole group in one register tile (else the looped kernels)
+    block_c: int  # BLOCK_C, power of 2
+    block_hw: int  # BLOCK_HW, power of 2
+    num_warps: int
+
+
+_MAX_TILE = 4096
+_MAX_BLOCK_C = 64
+_HW_BLOCKS = (64, 256, 1024, 4096)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 if v <= 1 else 1 << (v - 1).bit_length()
+
+
+def _warps(tile: int) -> int:
+    return 1 if tile <= 256 else 2 if tile <= 512 else 4 if tile <= 2048 else 8
+
+
+def pick_config(channels_per_group: int, hw: int) -> GNConfig:
+    """The launch config for a group of ``channels_per_group`` channels x ``hw`` pixels."""
+    if channels_per_group < 1 or hw < 1:
+        raise ValueError(f"pick_config: channels_per_group={channels_per_group} and hw={hw} must be >= 1")
+    bc = _next_pow2(channels_per_group)
+    if bc <= _MAX_BLOCK_C:
+        bhw = next((b for b in _HW_BLOCKS if b >= hw), None)
+        if bhw is not None and bc * bhw <= _MAX_TILE:
+            return GNConfig(True, bc, bhw, _warps(bc * bhw))
+    bc = min(bc, _MAX_BLOCK_C)
+    bhw = max(_MAX_TILE // bc, 64)
+    return GNConfig(False, bc, bhw, _warps(bc * bhw))
+
+
+def _all_configs() -> tuple[GNConfig, ...]:
+    out = []
+    for bc in (1 << i for i in range(7)):  # 1 .. 64
+        out += [GNConfig(True, bc, bhw, _warps(bc * bhw)) for bhw in _HW_BLOCKS if bc * bhw <= _MAX_TILE]
+        bhw = max(_MAX_TILE // bc, 64)
+        out.append(GNConfig(False, bc, bhw, _warps(bc * bhw)))
+    return tuple(out)
+
+
+ALL_CONFIGS: tuple[GNConfig, ...] = _all_configs()  # every config pick_config can return (23)
+
+
+# ------------------------------------------------------------------------------------ checks
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_x(name: str, t, fn: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: {name} must be float32/float16/bfloat16, got {t.dtype}")
+    if t.dim() != 4:
+        raise ValueError(f"{fn}: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+    if t.shape[3] > 1 and t.shape[2] > 1 and t.stride(2) != t.shape[3] * t.stride(3):
+        raise ValueError(f"{fn}: {name} must have stride(2) == W * stride(3) (contiguous or channels_last), "
+                         f"got strides {t.stride()}")
+
+
+def _check_opt(name: str, t, shape: tuple, x: torch.Tensor, fn: str) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor or None, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: {name} must be float32/float16/bfloat16, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    if len(shape) == 1 and t.stride(0) != 1 and shape[0] > 1:
+        raise ValueError(f"{fn}: {name} must be contiguous, got stride {t.stride()}")
+
+
+def _check_groups(x: torch.Tensor, num_groups, fn: str) -> int:
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"{fn}: num_groups must be a positive int, got {num_groups!r}")
+    if x.shape[1] % num_groups:
+        raise ValueError(f"{fn}: channels C={x.shape[1]} of x must be divisible by num_groups={num_groups}")
+    return x.shape[1] // num_groups
+
+
+def _hw_stride(t: torch.Tensor) -> int:
+    # H and W flattened: stride(3) steps one pixel (stride(2) == W * stride(3) checked); when W == 1
+    # stride(3) may be anything, and stride(2) is the pixel step.
+    return t.stride(3) if t.shape[3] > 1 else t.stride(2)
+
+
+def _config(config: GNConfig | None, cg: int, hw: int, fn: str) -> GNConfig:
+    if config is None:
+        return pick_config(cg, hw)
+    if not isinstance(config, GNConfig):
+        raise TypeError(f"{fn}: config must be a GNConfig or None, got {type(config).__name__}")
+    if config.single_pass and (config.block_c < cg or config.block_hw < hw):
+        raise ValueError(f"{fn}: single-pass config {config} does not cover a group of {cg} x {hw}")
+    return config
+
+
+# ------------------------------------------------------------------------------------ launchers
+# Every output buffer comes from these two functions, so tests can poison (NaN-fill) them.
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)  # keeps t's layout: channels_last in, channels_last out
+
+
+def _empty(shape: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def group_norm_fwd(x, weight, bias, scale, shift, num_groups: int, eps: float, act: bool,
+                   config: GNConfig | None = None):
+    """Forward. Returns (y like x (dtype and layout), mean (N, G) fp32, rstd (N, G) fp32).
+
+    x: (N, C, H, W) fp32/fp16/bf16, contiguous or channels_last; weight/bias: (C,) or None;
+    scale/shift: (N, C), any strides, or None. ``config`` forces a launch config (tests).
+    """
+    fn = "group_norm_fwd"
+    _check_x("x", x, fn)
+    cg = _check_groups(x, num_groups, fn)
+    n, c, h, w_ = x.shape
+    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)), ("scale", scale, (n, c)),
+                           ("shift", shift, (n, c))):
+        _check_opt(name, t, shape, x, fn)
+    if not isinstance(eps, (float, int)) or isinstance(eps, bool):
+        raise TypeError(f"{fn}: eps must be a float, got {type(eps).__name__}")
+    hw = h * w_
+    cfg = _config(config, cg, hw, fn)
+    y = _empty_like(x)
+    mean = _empty((n, num_groups), x.device)
+    rstd = _empty((n, num_groups), x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    kernel = _gn_fwd_single_kernel if cfg.single_pass else _gn_fwd_looped_kernel
+    sc = scale if scale is not None else x
+    sh = shift if shift is not None else x
+    torch.library.wrap_triton(kernel)[(n * num_groups,)](
+        x, y,
+        weight if weight is not None else mean, bias if bias is not None else mean, sc, sh,
+        mean, rstd,
+        num_groups, cg, hw,
+        x.stride(0), x.stride(1), _hw_stride(x),
+        y.stride(0), y.stride(1), _hw_stride(y),
+        sc.stride(0), sc.stride(1) if sc.dim() > 1 else 0,
+        sh.stride(0), sh.stride(1) if sh.dim() > 1 else 0,
+        float(eps),
+        int(weight is not None), int(bias is not None), int(scale is not None), int(shift is not None),
+        int(bool(act)),
+        BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps,
+    )
+    return y, mean, rstd
+
+
+def _sum_over_n(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, c = part.shape
+    out = _empty((c,), part.device, dtype)
+    if c == 0:
+        return out
+    torch.library.wrap_triton(_sum_over_n_kernel)[(triton.cdiv(c, _REDUCE_BLOCK),)](
+        part, out, n, c, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS)
+    return out
+
+
+def group_norm_bwd(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: int, act: bool,
+                   config: GNConfig | None = None):
+    """Backward. Returns (dx like x, dweight, dbias, dscale, dshift).
+
+    Each parameter gradient is None when its input was None, else in that input's dtype and
+    shape (dscale/dshift contiguous). dweight/dbias are deterministic (no atomics).
+    """
+    fn = "group_norm_bwd"
+    _check_x("x", x, fn)
+    _check_x("dy", dy, fn)
+    if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"{fn}: dy must match x in shape, dtype and device; got {tuple(dy.shape)} {dy.dtype} "
+                         f"{dy.device} vs {tuple(x.shape)} {x.dtype} {x.device}")
+    cg = _check_groups(x, num_groups, fn)
+    n, c, h, w_ = x.shape
+    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)), ("scale", scale, (n, c)),
+                           ("shift", shift, (n, c))):
+        _check_opt(name, t, shape, x, fn)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (n, num_groups) \
+                or not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be a contiguous float32 tensor of shape ({n}, {num_groups}), got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    hw = h * w_
+    cfg = _config(config, cg, hw, fn)
+    dx = _empty_like(x)
+
+    def part(present):  # (N, C) fp32 buffer, or a dummy fp32 pointer never written
+        return _empty((n, c), x.device) if present else mean
+
+    dw_part, db_part = part(weight is not None), part(bias is not None)
+    dscale, dshift = part(scale is not None), part(shift is not None)
+    if x.numel() > 0:
+        kernel = _gn_bwd_single_kernel if cfg.single_pass else _gn_bwd_looped_kernel
+        sc = scale if scale is not None else x
+        sh = shift if shift is not None else x
+        torch.library.wrap_triton(kernel)[(n * num_groups,)](
+            dy, x, dx,
+            weight if weight is not None else mean, bias if bias is not None else mean, sc, sh,
+            mean, rstd,
+            dw_part, db_part, dscale, dshift,
+            c, num_groups, cg, hw,
+            dy.stride(0), dy.stride(1), _hw_stride(dy),
+            x.stride(0), x.stride(1), _hw_stride(x),
+            dx.stride(0), dx.stride(1), _hw_stride(dx),
+            sc.stride(0), sc.stride(1) if sc.dim() > 1 else 0,
+            sh.stride(0), sh.stride(1) if sh.dim() > 1 else 0,
+            int(weight is not None), int(bias is not None), int(scale is not None), int(shift is not None),
+            int(bool(act)),
+            BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps,
+        )
+    elif x.numel() == 0:
+        for t in (dw_part, db_part, dscale, dshift):
+            if t is not mean:
+                t.zero_()
+    dweight = _sum_over_n(dw_part, weight.dtype) if weight is not None else None
+    dbias = _sum_over_n(db_part, bias.dtype) if bias is not None else None
+    dscale = dscale.to(scale.dtype) if scale is not None else None
+    dshift = dshift.to(shift.dtype) if shift is not None else None
+    return dx, dweight, dbias, dscale, dshift
+
+
+# ------------------------------------------------------------------------------------ AOT helpers
+_TL_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
+             torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype="fp32", eps_dtype="fp32"):
+    """(fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs))``.
+
+    kernel_kind: "fwd" / "bwd" (variant from ``cfg.single_pass``) or "reduce" (cfg ignored;
+    dtype is the parameter's output dtype). dtype: x's dtype ("fp32"/"fp16"/"bf16" or a torch
+    dtype); param_dtype: weight/bias dtype (scale/shift take x's dtype); eps_dtype: "fp64" is what
+    Inductor passes. Integer arguments are typed i32, as the JIT types them at these sizes.
+    """
+    xd, pd = "*" + _TL_DTYPE[dtype], "*" + _TL_DTYPE[param_dtype]
+    if kernel_kind == "reduce":
+        sig = {"part_ptr": "*fp32", "out_ptr": xd, "N": "i32", "C": "i32", "BLOCK": "constexpr"}
+        return _sum_over_n_kernel, sig, {"BLOCK": _REDUCE_BLOCK}
+    if cfg is None:
+        raise ValueError("aot_compile_args: cfg is required for 'fwd' and 'bwd'")
+    const = {"BLOCK_C": cfg.block_c, "BLOCK_HW": cfg.block_hw}
+    flags = {k: "i32" for k in _FLAGS}
+    if kernel_kind == "fwd":
+        fn = _gn_fwd_single_kernel if cfg.single_pass else _gn_fwd_looped_kernel
+        sig = {"x_ptr": xd, "y_ptr": xd, "w_ptr": pd, "b_ptr": pd, "scale_ptr": xd, "shift_ptr": xd,
+               "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "G": "i32", "CG": "i32", "HW": "i32"}
+        for s in ("sx_n", "sx_c", "sx_hw", "sy_n", "sy_c", "sy_hw", "ss_n", "ss_c", "ssh_n", "ssh_c"):
+            sig[s] = "i32"
+        sig["eps"] = eps_dtype
+    elif kernel_kind == "bwd":
+        fn = _gn_bwd_single_kernel if cfg.single_pass else _gn_bwd_looped_kernel
+        sig = {"dy_ptr": xd, "x_ptr": xd, "dx_ptr": xd, "w_ptr": pd, "b_ptr": pd, "scale_ptr": xd,
+               "shift_ptr": xd, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32",
+               "db_part_ptr": "*fp32", "dscale_ptr": "*fp32", "dshift_ptr": "*fp32",
+               "C": "i32", "G": "i32", "CG": "i32", "HW": "i32"}
+        for s in ("sdy_n", "sdy_c", "sdy_hw", "sx_n", "sx_c", "sx_hw", "sdx_n", "sdx_c", "sdx_hw",
+                  "ss_n", "ss_c", "ssh_n", "ssh_c"):
+            sig[s] = "i32"
+    else:
+        raise ValueError(f"aot_compile_args: kernel_kind must be 'fwd', 'bwd' or 'reduce', got {kernel_kind!r}")
+    sig.update(flags)
+    sig.update({"BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"})
+    return fn, sig, const

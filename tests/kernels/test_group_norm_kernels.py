@@ -1,0 +1,342 @@
+"""Fused GroupNorm + FiLM + SiLU Triton kernels: interpreter parity, layouts, determinism, AOT compile.
+
+On CPU these run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton is imported);
+on a GPU machine the same tests run the compiled kernels on CUDA tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (set before triton is imported)",
+                allow_module_level=True)
+
+from jdm_fast.kernels import group_norm as gn  # noqa: E402
+from jdm_fast.kernels.group_norm import ALL_CONFIGS, GNConfig, group_norm_bwd, group_norm_fwd, pick_config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(gn, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+    monkeypatch.setattr(gn, "_empty", lambda shape, device, dtype=torch.float32:
+                        torch.full(shape, float("nan"), device=device, dtype=dtype))
+
+
+def reference(x, w, b, s, sh, groups, act):
+    """float64 forward on CPU: (y, mean, rstd); autograd through it gives the reference grads."""
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, -1)
+    mean = xg.mean(-1)
+    var = ((xg - mean[..., None]) ** 2).mean(-1)
+    rstd = 1 / torch.sqrt(var + EPS)
+    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    if xhat.requires_grad:
+        xhat.retain_grad()  # its grad, dxhat, sets the scale of dx's error (see check)
+    y = xhat
+    if w is not None:
+        y = y * w[:, None, None]
+    if b is not None:
+        y = y + b[:, None, None]
+    if s is not None:
+        y = y * (1 + s[:, :, None, None])
+    if sh is not None:
+        y = y + sh[:, :, None, None]
+    if act:
+        y = torch.nn.functional.silu(y)
+    return y, mean, rstd, xhat
+
+
+def rel_err(out, ref, scale=None):
+    """max|out - ref| / max|ref| (or / scale, when given)."""
+    out = out.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "non-finite output (NaN never passes)"
+    denom = ref.abs().max() if scale is None else torch.as_tensor(scale)
+    return ((out - ref).abs().max() / denom.clamp_min(1e-30)).item()
+
+
+def looped_config(cg: int, hw: int) -> GNConfig:
+    """A looped config with chunks smaller than the group, so loops iterate and tails are masked."""
+    return GNConfig(False, max(1, gn._next_pow2(cg) // 2), max(1, gn._next_pow2(hw) // 2), 1)
+
+
+def make_inputs(shape, dtype, channels_last, film, affine=(True, True), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w_ = shape
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)  # nonzero mean: exercises centring
+    pdt = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # both param dtypes covered
+    w = torch.randn(c, generator=g).to(pdt) if affine[0] else None
+    b = torch.randn(c, generator=g).to(pdt) if affine[1] else None
+    s = sh = None
+    if film:
+        s = (0.5 * torch.randn(c, n, generator=g)).to(dtype).t()  # (N, C), non-contiguous strides
+        sh = torch.randn(n, c, generator=g).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # dy stays NCHW: a different layout
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731  (.to keeps layout and strides)
+    return dev(x), dev(w), dev(b), dev(s), dev(sh), dev(dy)
+
+
+def check(shape, groups, dtype, channels_last, film, act, config=None, affine=(True, True)):
+    x, w, b, s, sh, dy = make_inputs(shape, dtype, channels_last, film, affine)
+    y, mean, rstd = group_norm_fwd(x, w, b, s, sh, groups, EPS, act, config=config)
+    grads = group_norm_bwd(dy, x, w, b, s, sh, mean, rstd, groups, act, config=config)
+
+    leaf = lambda t: None if t is None else t.detach().cpu().double().requires_grad_()  # noqa: E731
+    xr, wr, br, sr, shr = (leaf(t) for t in (x, w, b, s, sh))
+    yr, mr, rr, xhat = reference(xr, wr, br, sr, shr, groups, act)
+    yr.backward(dy.cpu().double())
+
+    tol = TOL[dtype]
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (shape[0], groups)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    errs = {"y": rel_err(y, yr), "mean": rel_err(mean, mr), "rstd": rel_err(rstd, rr)}
+    for name, got, inp, ref in zip(("dx", "dweight", "dbias", "dscale", "dshift"), grads,
+                                   (x, w, b, s, sh), (xr, wr, br, sr, shr)):
+        if inp is None:
+            assert got is None, f"{name} must be None when its input is None"
+            continue
+        assert got.dtype == inp.dtype and got.shape == inp.shape, name
+        scale = None
+        if name == "dx":
+            # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) cancels to ~0 in tiny groups
+            # (2 elements: xhat = +-1 whatever x is): measure against its terms' size, rstd * |dxhat|.
+            terms = rr.detach().repeat_interleave(shape[1] // groups, 1)[:, :, None, None] * xhat.grad.abs()
+            scale = max(ref.grad.abs().max().item(), terms.max().item())
+        errs[name] = rel_err(got, ref.grad, scale)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
+
+
+# ------------------------------------------------------------------------------ parity
+FULL_SHAPES = [
+    pytest.param((2, 32, 7, 7), 8, id="2x32x7x7_g8"),  # odd spatial size, 4 channels per group
+    pytest.param((1, 6, 1, 1), 3, id="1x6x1x1_g3"),  # 1x1 spatial, 2-element groups
+]
+SUBSET_SHAPES = [
+    pytest.param((3, 5, 4, 4), 5, id="3x5x4x4_g5"),  # one channel per group
+    pytest.param((2, 64, 8, 8), 1, id="2x64x8x8_g1"),  # the whole C is one group
+    pytest.param((1, 4, 28, 28), 2, id="1x4x28x28_g2"),  # HW = 784, not a power of 2
+    pytest.param((1, 32, 64, 64), 2, id="1x32x64x64_g2"),  # 65,536 elements per group: looped path
+]
+DTYPES = [pytest.param(d, id=str(d).split(".")[-1]) for d in (torch.float32, torch.float16, torch.bfloat16)]
+# (dtype, channels_last, film, act): a representative subset of the product for the larger shapes
+SUBSET_COMBOS = [
+    pytest.param(torch.float32, False, True, True, id="fp32-nchw-film-silu"),
+    pytest.param(torch.bfloat16, True, True, True, id="bf16-cl-film-silu"),
+    pytest.param(torch.float16, False, False, False, id="fp16-nchw-plain-identity"),
+    pytest.param(torch.float32, True, False, True, id="fp32-cl-plain-silu"),
+]
+PATHS = ["auto", "looped"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("act", [True, False], ids=["silu", "identity"])
+@pytest.mark.parametrize("film", [True, False], ids=["film", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", FULL_SHAPES)
+def test_parity_full_product(shape, groups, dtype, channels_last, film, act, path):
+    cg, hw = shape[1] // groups, shape[2] * shape[3]
+    check(shape, groups, dtype, channels_last, film, act, None if path == "auto" else looped_config(cg, hw))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype,channels_last,film,act", SUBSET_COMBOS)
+@pytest.mark.parametrize("shape,groups", SUBSET_SHAPES)
+def test_parity_subset(shape, groups, dtype, channels_last, film, act, path):
+    cg, hw = shape[1] // groups, shape[2] * shape[3]
+    auto = pick_config(cg, hw)
+    if path == "looped" and not auto.single_pass:
+        pytest.skip("the automatic config is already the looped kernel")
+    check(shape, groups, dtype, channels_last, film, act, auto if path == "auto" else looped_config(cg, hw))
+
+
+def test_large_group_picks_looped_and_matches():
+    assert not pick_config(16, 64 * 64).single_pass
+    assert pick_config(4, 8 * 8).single_pass
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)], ids=["none", "w", "b"])
+def test_parity_absent_affine(affine, path):
+    cfg = None if path == "auto" else looped_config(4, 49)
+    check((2, 16, 7, 7), 4, torch.float32, False, True, True, cfg, affine=affine)
+
+
+def test_scale_shift_of_other_dtype_and_expanded_strides():
+    """fp16 x with fp32 scale/shift, shift a stride-0 broadcast over N."""
+    x, w, b, _, _, dy = make_inputs((2, 8, 5, 5), torch.float16, False, False)
+    s = torch.randn(2, 8, device=DEVICE)
+    sh = torch.randn(1, 8, device=DEVICE).expand(2, 8)
+    y, mean, rstd = group_norm_fwd(x, w, b, s, sh, 2, EPS, True)
+    yr, _, _, _ = reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), s.double().cpu(),
+                         sh.double().cpu(), 2, True)
+    assert rel_err(y, yr) <= TOL[torch.float16]
+    _, _, _, ds, dsh = group_norm_bwd(dy, x, w, b, s, sh, mean, rstd, 2, True)
+    assert ds.dtype == dsh.dtype == torch.float32 and ds.shape == dsh.shape == (2, 8)
+
+
+def test_large_mean_is_numerically_safe():
+    """A big offset with a small spread: E[x^2] - E[x]^2 would lose every digit in fp32."""
+    g = torch.Generator().manual_seed(1)
+    x = (1000.0 + 0.01 * torch.randn(1, 4, 33, 33, generator=g)).to(DEVICE)
+    for cfg in (None, looped_config(2, 33 * 33)):
+        _, mean, rstd = group_norm_fwd(x, None, None, None, None, 2, EPS, False, config=cfg)
+        _, mr, rr, _ = reference(x.double().cpu(), None, None, None, None, 2, False)
+        assert rel_err(rstd, rr) <= 1e-3 and rel_err(mean, mr) <= 1e-6
+
+
+# ------------------------------------------------------------------------------ determinism
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_parameter_grads_are_bit_identical(path):
+    x, w, b, s, sh, dy = make_inputs((4, 16, 6, 6), torch.float32, False, True)
+    cfg = None if path == "auto" else looped_config(4, 36)
+    _, mean, rstd = group_norm_fwd(x, w, b, s, sh, 4, EPS, True, config=cfg)
+    first = group_norm_bwd(dy, x, w, b, s, sh, mean, rstd, 4, True, config=cfg)
+    second = group_norm_bwd(dy, x, w, b, s, sh, mean, rstd, 4, True, config=cfg)
+    for a, b_ in zip(first[1:3], second[1:3]):
+        assert torch.equal(a, b_)
+
+
+# ------------------------------------------------------------------------------ configs
+def test_pick_config_only_returns_members_of_all_configs():
+    assert len(ALL_CONFIGS) == len(set(ALL_CONFIGS)) <= 25
+    seen = set()
+    for cg in list(range(1, 70)) + [96, 128, 256, 512, 1024]:
+        for hw in [1, 2, 3, 7, 49, 63, 64, 65, 196, 256, 257, 784, 1024, 1025, 4096, 4097, 16384, 65536]:
+            cfg = pick_config(cg, hw)
+            assert cfg in ALL_CONFIGS, (cg, hw, cfg)
+            if cfg.single_pass:
+                assert cfg.block_c >= cg and cfg.block_hw >= hw
+            seen.add(cfg)
+    assert seen == set(ALL_CONFIGS), "ALL_CONFIGS lists configs pick_config never returns"
+    assert not pick_config(16, 64 * 64).single_pass
+    assert pick_config(4, 8 * 8).single_pass
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _ok():
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    return x, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("x3d", ValueError, "x must be 4-D"),
+    ("xint", TypeError, "x must be float"),
+    ("groups", ValueError, "divisible by num_groups"),
+    ("groups0", ValueError, "num_groups"),
+    ("weight_shape", ValueError, "weight must have shape"),
+    ("bias_dtype", TypeError, "bias must be float"),
+    ("scale_shape", ValueError, "scale must have shape"),
+    ("shift_shape", ValueError, "shift must have shape"),
+    ("strides", ValueError, "x must have stride"),
+    ("single_too_small", ValueError, "does not cover"),
+])
+def test_forward_bad_inputs_name_the_argument(case, exc, match):
+    x, w, b = _ok()
+    args = dict(x=x, weight=w, bias=b, scale=None, shift=None, num_groups=4, eps=EPS, act=True)
+    if case == "x3d":
+        args["x"] = x[0]
+    elif case == "xint":
+        args["x"] = x.to(torch.int32)
+    elif case == "groups":
+        args["num_groups"] = 3
+    elif case == "groups0":
+        args["num_groups"] = 0
+    elif case == "weight_shape":
+        args["weight"] = torch.ones(4, device=DEVICE)
+    elif case == "bias_dtype":
+        args["bias"] = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    elif case == "scale_shape":
+        args["scale"] = torch.zeros(8, device=DEVICE)
+    elif case == "shift_shape":
+        args["shift"] = torch.zeros(2, 8, 1, 1, device=DEVICE)
+    elif case == "strides":
+        args["x"] = x.transpose(2, 3)
+    elif case == "single_too_small":
+        args["config"] = GNConfig(True, 1, 64, 1)
+    with pytest.raises(exc, match=match):
+        group_norm_fwd(**args)
+
+
+def test_backward_bad_inputs_name_the_argument():
+    x, w, b = _ok()
+    y, mean, rstd = group_norm_fwd(x, w, b, None, None, 4, EPS, True)
+    dy = torch.randn_like(x)
+    with pytest.raises(ValueError, match="dy must match x"):
+        group_norm_bwd(dy.half(), x, w, b, None, None, mean, rstd, 4, True)
+    with pytest.raises(ValueError, match="mean must be"):
+        group_norm_bwd(dy, x, w, b, None, None, mean.double(), rstd, 4, True)
+    with pytest.raises(ValueError, match="rstd must be"):
+        group_norm_bwd(dy, x, w, b, None, None, mean, rstd[:, :2], 4, True)
+    with pytest.raises(ValueError, match="divisible by num_groups"):
+        group_norm_bwd(dy, x, w, b, None, None, mean, rstd, 3, True)
+
+
+# ------------------------------------------------------------------------------ AOT compile
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from jdm_fast.kernels.group_norm import ALL_CONFIGS, aot_compile_args
+
+shard, nshards = int(sys.argv[1]), int(sys.argv[2])
+jobs = [(kind, cfg, dt, cap) for cap in (80, 90) for dt in ("fp32", "fp16", "bf16")
+        for kind in ("fwd", "bwd") for cfg in ALL_CONFIGS]
+jobs += [("reduce", None, dt, cap) for cap in (80, 90) for dt in ("fp32", "fp16", "bf16")]
+out = []
+for i, (kind, cfg, dt, cap) in enumerate(jobs):
+    if i % nshards != shard:
+        continue
+    # Inductor passes eps as fp64, the eager JIT as fp32: alternate to compile both.
+    fn, sig, const = aot_compile_args(kind, cfg, dt, eps_dtype="fp64" if i % 2 else "fp32")
+    rec = {"job": f"{kind} {cfg} {dt} sm_{cap}", "cap": cap}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32),
+                           options={"num_warps": cfg.num_warps if cfg else 4})
+        rec.update(asm=sorted(k.asm), shared=k.metadata.shared)
+    except Exception as e:  # reported by the test, with the job that failed
+        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+    out.append(rec)
+print(json.dumps(out))
+"""
+
+
+def test_aot_compile_every_kernel_config_dtype_and_target():
+    """triton.compile for sm_80 and sm_90 without a GPU: catches what the interpreter lets through."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions
+    nshards = 2
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(i), str(nshards)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nshards)]
+    records = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+        records += json.loads(out.strip().splitlines()[-1])
+    assert len(records) == 2 * 3 * (2 * len(ALL_CONFIGS) + 1)
+    errors = [(r["job"], r["error"]) for r in records if "error" in r]
+    assert not errors, errors[:5]
+    limit = {80: 163 * 1024, 90: 227 * 1024}
+    for r in records:
+        assert {"cubin", "ptx"} <= set(r["asm"]), r["job"]
+        assert r["shared"] <= limit[r["cap"]], r
