@@ -1,29 +1,122 @@
-"""GroupNorm -> optional FiLM scale-shift -> optional SiLU.
+"""GroupNorm -> optional FiLM scale-shift -> optional SiLU, as one op.
 
 ``y = act(((x - mean_g) * rstd_g * weight_c + bias_c) * (1 + scale_nc) + shift_nc)``
 
-Reference path in PyTorch (statistics in fp32 whatever the input dtype); the fused Triton kernel
-of issue 3 replaces it behind this function.
+Two implementations, chosen per call by ``jdm_fast.ops.backends.use_triton``:
+- Triton (``jdm_fast.kernels.group_norm``): the custom op ``torch.ops.jdm_fast.group_norm_silu_fwd``
+  registered with ``torch.library.triton_op`` (Inductor sees the kernels), a fake implementation,
+  and ``register_autograd`` whose backward is itself the op ``group_norm_silu_bwd``. Backward saves
+  only x, the fp32 mean/rstd and the (small) affine/FiLM inputs, and recomputes the rest.
+- Reference: the same math in PyTorch with fp32 statistics; autograd is PyTorch's own, so it is
+  an independent oracle for the kernels.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.library import triton_op
 
-_ACTIVATIONS = ("silu", None)
+from jdm_fast.ops.backends import use_triton
+
+ACTIVATIONS = ("silu", None)
 
 
-def _check_film(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+def _film(name: str, t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     if t is None:
-        return
+        return None
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"group_norm_silu: {name} must be a floating tensor, got {getattr(t, 'dtype', type(t))}")
     n, c = x.shape[:2]
     if t.shape not in ((n, c), (n, c) + (1,) * (x.dim() - 2)):
-        raise ValueError(
-            f"group_norm_silu: {name} must have shape ({n}, {c}) (or with trailing 1s), "
-            f"got {tuple(t.shape)}"
-        )
+        raise ValueError(f"group_norm_silu: {name} must have shape ({n}, {c}), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
+    return t.reshape(n, c)
 
 
+def _affine(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"group_norm_silu: {name} must be a floating tensor, got {getattr(t, 'dtype', type(t))}")
+    if t.shape != (x.shape[1],):
+        raise ValueError(f"group_norm_silu: {name} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
+
+
+def reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None, activation="silu"):
+    """The PyTorch reference (fp32 statistics and math, output in x's dtype); validated inputs."""
+    c, extra = x.shape[1], (1,) * (x.dim() - 2)
+    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    if scale is not None:
+        y = y * (1 + scale.float().reshape(-1, c, *extra))
+    if shift is not None:
+        y = y + shift.float().reshape(-1, c, *extra)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------ the Triton op
+@triton_op("jdm_fast::group_norm_silu_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None,
+         shift: torch.Tensor | None, num_groups: int, eps: float, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from jdm_fast.kernels.group_norm import group_norm_fwd
+
+    return group_norm_fwd(x, weight, bias, scale, shift, num_groups, eps, bool(act))
+
+
+@_fwd.register_fake
+def _fwd_fake(x, weight, bias, scale, shift, num_groups, eps, act):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@triton_op("jdm_fast::group_norm_silu_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+         scale: torch.Tensor | None, shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+         num_groups: int, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight, dbias, dscale, dshift; an absent input's gradient is an empty tensor."""
+    from jdm_fast.kernels.group_norm import group_norm_bwd
+
+    grads = group_norm_bwd(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, bool(act))
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_bwd.register_fake
+def _bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act):
+    like = [weight, bias, scale, shift]
+    return (torch.empty_like(x), *[torch.empty_like(t) if t is not None else x.new_empty(0) for t in like])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, _eps, act = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.act = num_groups, act
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    if dy.stride(2) != dy.shape[3] * dy.stride(3):  # the kernels flatten H, W: give dy x's layout
+        dy = dy.contiguous(memory_format=_layout(x))
+    dx, dw, db, ds, dsh = _bwd(dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act)
+    present = [weight, bias, scale, shift]
+    return (dx, *[g if t is not None else None for g, t in zip((dw, db, ds, dsh), present)], None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                   and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+
+
+# ------------------------------------------------------------------------------ public function
 def group_norm_silu(
     x: torch.Tensor,
     num_groups: int,
@@ -36,30 +129,27 @@ def group_norm_silu(
 ) -> torch.Tensor:
     """GroupNorm over (C/G, *spatial) per group, then ``* (1 + scale) + shift``, then SiLU.
 
-    x: (N, C, *spatial) float tensor; weight/bias: (C,) or None; scale/shift: (N, C) or None.
-    Returns a tensor of x's dtype and shape.
+    x: (N, C, *spatial) fp32/fp16/bf16, contiguous or channels_last (other layouts are copied to
+    contiguous); weight/bias: (C,) fp32 or x's dtype, or None; scale/shift: (N, C), or None.
+    Statistics and math in fp32; returns x's dtype, shape and layout.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"group_norm_silu: x must be a floating tensor, got {x.dtype}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"group_norm_silu: x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x must be (N, C, ...), got shape {tuple(x.shape)}")
     c = x.shape[1]
-    if num_groups < 1 or c % num_groups:
-        raise ValueError(
-            f"group_norm_silu: num_channels={c} must be divisible by num_groups={num_groups}"
-        )
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"group_norm_silu: activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    _check_film("scale", scale, x)
-    _check_film("shift", shift, x)
-    # fp32 statistics: F.group_norm under autocast already runs in fp32; make it explicit.
-    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
-    extra = (1,) * (x.dim() - 2)
-    if scale is not None:
-        y = y * (1 + scale.float().reshape(scale.shape[0], c, *extra))
-    if shift is not None:
-        y = y + shift.float().reshape(shift.shape[0], c, *extra)
-    if activation == "silu":
-        y = F.silu(y)
-    return y.to(x.dtype)
+    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(f"group_norm_silu: num_channels={c} must be divisible by num_groups={num_groups}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"group_norm_silu: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _affine("weight", weight, x)
+    _affine("bias", bias, x)
+    scale, shift = _film("scale", scale, x), _film("shift", shift, x)
+    if not use_triton(x.device, "group_norm_silu") or x.numel() == 0:
+        return reference(x, num_groups, weight, bias, eps, scale, shift, activation)
+    x4 = x if x.dim() == 4 else x.reshape(x.shape[0], c, -1, 1)  # (N, C, L) / 5-D: flatten space
+    if x4.stride(2) != x4.shape[3] * x4.stride(3) or not (x4.is_contiguous() or x4.is_contiguous(
+            memory_format=torch.channels_last)):
+        x4 = x4.contiguous()  # an unusual layout: one copy, then the kernel's NCHW path
+    y, _, _ = _fwd(x4, weight, bias, scale, shift, num_groups, float(eps), int(activation == "silu"))
+    return y if x.dim() == 4 else y.reshape(x.shape)
