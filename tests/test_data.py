@@ -13,7 +13,6 @@ from jdm_fast.data import (
     DATASET_INFO,
     AugmentConfig,
     DatasetError,
-    DatasetNotFoundError,
     ImageDataset,
     apply_augment,
     build_loader,

@@ -76,6 +76,9 @@ def test_groupnormsilu_is_a_dropin_for_nn_groupnorm():
     plain = GroupNormSiLU(4, 16, activation=None)
     plain.load_state_dict(ref.state_dict())
     torch.testing.assert_close(plain(x), ref(x))
+    back = nn.GroupNorm(4, 16)  # and back: our checkpoints load into stock modules
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(F.silu(back(x)), ours(x))
     with pytest.raises(ValueError, match="divisible"):
         GroupNormSiLU(5, 16)
 
