@@ -1,0 +1,473 @@
+"""Flash-style non-causal softmax attention for UNet shapes: Triton kernels and launchers (issue 4).
+
+q, k, v, do: (B, H, L, D) with any strides (e.g. strided views of a packed qkv tensor; never
+copied). One program per (query block, b * h) in the forward; scores in fp32 with an online
+softmax (exp2 of log2(e)-prescaled scores)::
+
+    S   = scale * Q K^T                       (L x L per (b, h); padded keys -> -inf)
+    lse = logsumexp(S, axis=-1)               natural log, fp32, (B, H, L)
+    O   = exp(S - lse) V
+
+Backward (the equations the backward kernels implement; probabilities recomputed from lse)::
+
+    P     = exp(S - lse)
+    delta = rowsum(dO * O)                    fp32 (B, H, L), small preprocess kernel
+    dV    = P^T dO
+    dP    = dO V^T
+    dS    = P * (dP - delta)
+    dQ    = scale * dS K
+    dK    = scale * dS^T Q
+
+dK and dV come from one kernel (one program per key block per (b, h), looping over query
+blocks), dQ from another (one program per query block, looping over key blocks): no atomics,
+so gradients are bit-identical across runs.
+
+Precision: fp16 / bf16 inputs use tl.dot on the input dtype with fp32 accumulation (P and dS are
+rounded to the input dtype before their dots, as in FlashAttention). fp32 inputs use tl.dot with
+input_precision="ieee": true fp32 dots, no TF32.
+
+Any L >= 1 (partial blocks masked), D in [16, 256]: BLOCK_D is the next power of two >= D in
+{16, 32, 64, 128, 256} and the D tail is masked on loads and stores. ``scale`` is a Python float
+cast inside the kernels (Inductor may pass it as fp64).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+_LN2 = 0.6931471805599453  # ln(2)
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # (B, H, L, D) queries, fp32/fp16/bf16, strides below
+    k_ptr,  # (B, H, L, D) keys, q's dtype
+    v_ptr,  # (B, H, L, D) values, q's dtype
+    o_ptr,  # (B, H, L, D) out: attention output, q's dtype
+    lse_ptr,  # (B, H, L) fp32 out, contiguous: natural-log logsumexp of the scaled scores
+    sq_b, sq_h, sq_l, sq_d,  # q strides (elements)
+    sk_b, sk_h, sk_l, sk_d,  # k strides
+    sv_b, sv_h, sv_l, sv_d,  # v strides
+    so_b, so_h, so_l, so_d,  # o strides
+    H,  # heads
+    L,  # sequence length (queries = keys)
+    D,  # head dim, <= BLOCK_D
+    scale,  # float softmax scale; may arrive as fp64 under Inductor
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < L
+    d_mask = offs_d < D
+    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # scores in log2 units
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, L, BLOCK_N):  # every block holds >= 1 real key: m_i is finite after the first
+        n_mask = (n0 + offs_n) < L
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + (n0 + offs_n)[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + (n0 + offs_n)[:, None] * sv_l + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
+             acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    o_ptr,  # (B, H, L, D) forward output
+    do_ptr,  # (B, H, L, D) upstream gradient, o's dtype, own strides
+    delta_ptr,  # (B, H, L) fp32 out, contiguous: rowsum(dO * O)
+    so_b, so_h, so_l, so_d,  # o strides
+    sdo_b, sdo_h, sdo_l, sdo_d,  # do strides
+    H,  # heads
+    L,  # sequence length
+    D,  # head dim, <= BLOCK_D
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < L
+    mask = m_mask[:, None] & (offs_d < D)[None, :]
+    o = tl.load(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d, mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :] * sdo_d, mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * L + offs_m, delta, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr,  # (B, H, L, D) queries
+    k_ptr,  # (B, H, L, D) keys
+    v_ptr,  # (B, H, L, D) values
+    do_ptr,  # (B, H, L, D) upstream gradient
+    lse_ptr,  # (B, H, L) fp32 contiguous logsumexp from the forward
+    delta_ptr,  # (B, H, L) fp32 contiguous rowsum(dO * O)
+    dk_ptr,  # (B, H, L, D) out: key gradient, q's dtype
+    dv_ptr,  # (B, H, L, D) out: value gradient, q's dtype
+    sq_b, sq_h, sq_l, sq_d,  # q strides
+    sk_b, sk_h, sk_l, sk_d,  # k strides
+    sv_b, sv_h, sv_l, sv_d,  # v strides
+    sdo_b, sdo_h, sdo_l, sdo_d,  # do strides
+    sdk_b, sdk_h, sdk_l, sdk_d,  # dk strides
+    sdv_b, sdv_h, sdv_l, sdv_d,  # dv strides
+    H,  # heads
+    L,  # sequence length
+    D,  # head dim, <= BLOCK_D
+    scale,  # float softmax scale; may arrive as fp64 under Inductor
+    BLOCK_M: tl.constexpr,  # query rows per loop step
+    BLOCK_N: tl.constexpr,  # keys per program
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < L
+    d_mask = offs_d < D
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    sc = tl.cast(scale, tl.float32)
+    qk_scale = sc * 1.4426950408889634
+
+    k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_l + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    row_base = pid_bh.to(tl.int64) * L
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, L, BLOCK_M):
+        m_mask = (m0 + offs_m) < L
+        qm_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + (m0 + offs_m)[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qm_mask, other=0.0)
+        do = tl.load(do_base + (m0 + offs_m)[:, None] * sdo_l + offs_d[None, :] * sdo_d, mask=qm_mask, other=0.0)
+        lse = tl.load(lse_ptr + row_base + m0 + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row_base + m0 + offs_m, mask=m_mask, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # S^T, [BLOCK_N, BLOCK_M], log2 units
+        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.where(n_mask[:, None] & m_mask[None, :], p_t, 0.0)  # padded rows/keys contribute nothing
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")  # dP^T
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
+    dk = dk * sc
+    tl.store(dk_ptr + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_l + offs_d[None, :] * sdk_d,
+             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_l + offs_d[None, :] * sdv_d,
+             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr,  # (B, H, L, D) queries
+    k_ptr,  # (B, H, L, D) keys
+    v_ptr,  # (B, H, L, D) values
+    do_ptr,  # (B, H, L, D) upstream gradient
+    lse_ptr,  # (B, H, L) fp32 contiguous logsumexp from the forward
+    delta_ptr,  # (B, H, L) fp32 contiguous rowsum(dO * O)
+    dq_ptr,  # (B, H, L, D) out: query gradient, q's dtype
+    sq_b, sq_h, sq_l, sq_d,  # q strides
+    sk_b, sk_h, sk_l, sk_d,  # k strides
+    sv_b, sv_h, sv_l, sv_d,  # v strides
+    sdo_b, sdo_h, sdo_l, sdo_d,  # do strides
+    sdq_b, sdq_h, sdq_l, sdq_d,  # dq strides
+    H,  # heads
+    L,  # sequence length
+    D,  # head dim, <= BLOCK_D
+    scale,  # float softmax scale; may arrive as fp64 under Inductor
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < L
+    d_mask = offs_d < D
+    qm_mask = m_mask[:, None] & d_mask[None, :]
+    sc = tl.cast(scale, tl.float32)
+    qk_scale = sc * 1.4426950408889634
+
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qm_mask, other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :] * sdo_d, mask=qm_mask,
+                 other=0.0)
+    row_base = pid_bh.to(tl.int64) * L
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        n_mask = (n0 + offs_n) < L
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + (n0 + offs_n)[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + (n0 + offs_n)[:, None] * sv_l + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+    dq = dq * sc
+    tl.store(dq_ptr + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_l + offs_d[None, :] * sdq_d,
+             dq.to(dq_ptr.dtype.element_ty), mask=qm_mask)
+
+
+# ------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class AttnConfig:
+    """One launch configuration, used by all four kernels of a call.
+
+    fwd / dq: BLOCK_M query rows per program, BLOCK_N keys per step; dkdv: BLOCK_N keys per
+    program, BLOCK_M query rows per step; preprocess: BLOCK_M rows per program.
+    """
+
+    block_m: int  # BLOCK_M, power of 2, >= 16
+    block_n: int  # BLOCK_N, power of 2, >= 16
+    block_d: int  # BLOCK_D, next power of two >= D, in {16, 32, 64, 128, 256}
+    num_warps: int
+    num_stages: int
+
+
+# Keyed by block_d; sized so fwd and bwd fit sm_80's 163 KiB of shared memory in fp32 too
+# (checked by the AOT compile test).
+_MENU: dict[int, AttnConfig] = {
+    16: AttnConfig(64, 64, 16, 4, 2),
+    32: AttnConfig(64, 64, 32, 4, 2),
+    64: AttnConfig(64, 64, 64, 4, 2),
+    128: AttnConfig(64, 32, 128, 4, 2),
+    256: AttnConfig(32, 32, 256, 4, 1),
+}
+ALL_CONFIGS: tuple[AttnConfig, ...] = tuple(_MENU.values())  # every config pick_config can return
+
+D_MIN, D_MAX = 16, 256
+
+
+def _block_d(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def pick_config(L: int, D: int) -> AttnConfig:
+    """The launch config for sequence length ``L`` and head dim ``D`` (only ``D`` matters today)."""
+    if L < 1:
+        raise ValueError(f"pick_config: L={L} must be >= 1")
+    if not D_MIN <= D <= D_MAX:
+        raise ValueError(f"pick_config: head dim D={D} must be in [{D_MIN}, {D_MAX}]")
+    return _MENU[_block_d(D)]
+
+
+# ------------------------------------------------------------------------------------ checks
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # grid = (blocks along L, B * H): query blocks of one (b, h) run adjacent (K/V stay in L2)
+
+
+def _check_qkv(fn: str, **tensors) -> tuple[int, int, int, int]:
+    """q, k, v (and do, o): 4-D float tensors of one shape, dtype and device. Returns (B, H, L, D)."""
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{fn}: {name} must be float32/float16/bfloat16, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if t is first:
+            continue
+        if t.shape != first.shape:
+            raise ValueError(f"{fn}: {name} shape {tuple(t.shape)} must equal {first_name} shape "
+                             f"{tuple(first.shape)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{fn}: {name} dtype {t.dtype} must equal {first_name} dtype {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}")
+    b, h, l, d = first.shape
+    if b * h > _MAX_GRID_Y:
+        raise ValueError(f"{fn}: B * H = {b * h} exceeds {_MAX_GRID_Y} (the CUDA grid's y limit; b * h is grid axis 1)")
+    if l < 1:
+        raise ValueError(f"{fn}: sequence length L={l} must be >= 1")
+    if not D_MIN <= d <= D_MAX:
+        raise ValueError(f"{fn}: head dim D={d} must be in [{D_MIN}, {D_MAX}]")
+    return b, h, l, d
+
+
+def _check_scale(fn: str, scale) -> float:
+    if not isinstance(scale, (float, int)) or isinstance(scale, bool):
+        raise TypeError(f"{fn}: scale must be a float, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _config(fn: str, config: AttnConfig | None, L: int, D: int) -> AttnConfig:
+    if config is None:
+        return pick_config(L, D)
+    if not isinstance(config, AttnConfig):
+        raise TypeError(f"{fn}: config must be an AttnConfig or None, got {type(config).__name__}")
+    for name in ("block_m", "block_n", "block_d"):
+        val = getattr(config, name)
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{fn}: config {name}={val} must be a power of two >= 16 (tl.dot)")
+    if config.block_d < D:
+        raise ValueError(f"{fn}: config block_d={config.block_d} is smaller than head dim D={D}")
+    return config
+
+
+# ------------------------------------------------------------------------------------ launchers
+# Every output buffer comes from this function, so tests can poison (NaN-fill) them.
+def _empty(shape: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def attention_fwd(q, k, v, scale: float, config: AttnConfig | None = None):
+    """Forward. Returns (o (B, H, L, D) contiguous in q's dtype, lse (B, H, L) fp32 natural log).
+
+    q, k, v: (B, H, L, D), one shape / dtype (fp32, fp16, bf16) / device, any strides.
+    ``config`` forces a launch config (tests).
+    """
+    fn = "attention_fwd"
+    B, H, L, D = _check_qkv(fn, q=q, k=k, v=v)
+    scale = _check_scale(fn, scale)
+    cfg = _config(fn, config, L, D)
+    o = _empty((B, H, L, D), q.device, q.dtype)
+    lse = _empty((B, H, L), q.device)
+    if B * H == 0:
+        return o, lse
+    grid = (triton.cdiv(L, cfg.block_m), B * H)
+    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, L, D, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, scale: float, config: AttnConfig | None = None):
+    """Backward. Returns (dq, dk, dv), each (B, H, L, D) contiguous in q's dtype; deterministic.
+
+    do, q, k, v, o: (B, H, L, D), one shape / dtype / device, any strides; lse: the forward's
+    (B, H, L) fp32 (any strides: made contiguous if needed, a no-op for the forward's output).
+    """
+    fn = "attention_bwd"
+    B, H, L, D = _check_qkv(fn, q=q, k=k, v=v, do=do, o=o)
+    scale = _check_scale(fn, scale)
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, L):
+        raise ValueError(f"{fn}: lse must be a float32 tensor of shape ({B}, {H}, {L}), got "
+                         f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
+    if lse.device != q.device:
+        raise ValueError(f"{fn}: lse is on {lse.device} but q is on {q.device}")
+    lse = lse.contiguous()
+    cfg = _config(fn, config, L, D)
+    dq = _empty((B, H, L, D), q.device, q.dtype)
+    dk = _empty((B, H, L, D), q.device, q.dtype)
+    dv = _empty((B, H, L, D), q.device, q.dtype)
+    if B * H == 0:
+        return dq, dk, dv
+    delta = _empty((B, H, L), q.device)
+    kw = dict(BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    torch.library.wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, L, D,
+        BLOCK_M=cfg.block_m, **kw,
+    )
+    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_n), B * H)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, L, D, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **kw,
+    )
+    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, L, D, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **kw,
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------ AOT helpers
+_TL_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
+             torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNEL_KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+
+
+def _strides(*prefixes: str) -> dict:
+    return {f"{p}_{a}": "i32" for p in prefixes for a in ("b", "h", "l", "d")}
+
+
+def aot_compile_args(kernel_kind: str, cfg: AttnConfig, dtype, scale_dtype="fp32"):
+    """(fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs))``.
+
+    kernel_kind: one of KERNEL_KINDS. dtype: the inputs' dtype ("fp32"/"fp16"/"bf16" or a torch
+    dtype). scale_dtype: "fp64" is what Inductor passes. Compile with num_warps=cfg.num_warps and
+    num_stages=cfg.num_stages. Integer arguments are typed i32, as the JIT types them at these sizes.
+    """
+    xd = "*" + _TL_DTYPE[dtype]
+    dims = {"H": "i32", "L": "i32", "D": "i32"}
+    if kernel_kind == "fwd":
+        fn = _attn_fwd_kernel
+        sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "o_ptr": xd, "lse_ptr": "*fp32",
+               **_strides("sq", "sk", "sv", "so"), **dims, "scale": scale_dtype}
+        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
+    elif kernel_kind == "bwd_preprocess":
+        fn = _attn_bwd_preprocess_kernel
+        sig = {"o_ptr": xd, "do_ptr": xd, "delta_ptr": "*fp32", **_strides("so", "sdo"), **dims}
+        const = {"BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d}
+    elif kernel_kind == "bwd_dkdv":
+        fn = _attn_bwd_dkdv_kernel
+        sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "do_ptr": xd, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+               "dk_ptr": xd, "dv_ptr": xd, **_strides("sq", "sk", "sv", "sdo", "sdk", "sdv"), **dims,
+               "scale": scale_dtype}
+        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
+    elif kernel_kind == "bwd_dq":
+        fn = _attn_bwd_dq_kernel
+        sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "do_ptr": xd, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+               "dq_ptr": xd, **_strides("sq", "sk", "sv", "sdo", "sdq"), **dims, "scale": scale_dtype}
+        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
+    else:
+        raise ValueError(f"aot_compile_args: kernel_kind must be one of {KERNEL_KINDS}, got {kernel_kind!r}")
+    sig.update({name: "constexpr" for name in const})
+    return fn, sig, const

@@ -1,0 +1,296 @@
+"""Flash-style attention Triton kernels: interpreter parity, packed-qkv strides, determinism, AOT compile.
+
+On CPU these run under TRITON_INTERPRET=1 (set by tests/conftest.py before triton is imported);
+on a GPU machine the same tests run the compiled kernels on CUDA tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (set before triton is imported)",
+                allow_module_level=True)
+
+from jdm_fast.kernels import attention as at  # noqa: E402
+from jdm_fast.kernels.attention import (  # noqa: E402
+    ALL_CONFIGS, KERNEL_KINDS, AttnConfig, attention_bwd, attention_fwd, pick_config,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+TOL = {F32: 1e-5, F16: 5e-3, BF16: 2e-2}  # max|out - ref| / max|ref| against float64
+GRAD_TOL_FACTOR = 3  # dq / dk / dv go through two more low-precision dots
+
+
+# ------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(at, "_empty", lambda shape, device, dtype=torch.float32:
+                        torch.full(shape, float("nan"), device=device, dtype=dtype))
+
+
+def reference(q, k, v, scale):
+    """float64 softmax attention: (o, lse); autograd through it gives the reference grads."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.softmax(s, dim=-1) @ v
+    return o, lse
+
+
+def rel_err(out, ref, scale=None):
+    """max|out - ref| / max|ref| (or / max(max|ref|, scale), when given); NaN or inf never passes."""
+    out = out.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "non-finite output (NaN never passes)"
+    denom = ref.abs().max() if scale is None else max(ref.abs().max(), torch.as_tensor(scale))
+    return ((out - ref).abs().max() / denom.clamp_min(1e-30)).item()
+
+
+def ds_term_sizes(q, k, v, do, scale):
+    """Sizes of the terms dQ and dK are sums of: scale * |P| (|dP| + |delta|) times |K| or |Q|.
+
+    dS = P * (dP - delta) cancels exactly where a row's softmax is one-hot (L = 1: dQ = dK = 0
+    whatever the inputs), so their error is measured against the size of what cancels.
+    """
+    with torch.no_grad():
+        p = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+        o = p @ v
+        t = scale * p * ((do @ v.transpose(-1, -2)).abs() + (do * o).sum(-1, keepdim=True).abs())
+        return (t @ k.abs()).max().item(), (t.transpose(-1, -2) @ q.abs()).max().item()
+
+
+def make_inputs(B, H, L, D, dtype, packed, seed=0):
+    """q, k, v, do rounded to ``dtype``. packed: the ADM layout, views of qkv (B, 3, H, D, L)."""
+    g = torch.Generator().manual_seed(seed)
+    if packed:
+        qkv = torch.randn(B, 3, H, D, L, generator=g).to(dtype).to(DEVICE)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, H, L, D), stride(-1) = L
+        do = torch.randn(B, H, D, L, generator=g).to(dtype).to(DEVICE).transpose(-1, -2)
+        assert not q.is_contiguous() or L == 1
+    else:
+        q, k, v, do = (torch.randn(B, H, L, D, generator=g).to(dtype).to(DEVICE) for _ in range(4))
+    return q, k, v, do
+
+
+def check(B, H, L, D, dtype, packed, config=None):
+    q, k, v, do = make_inputs(B, H, L, D, dtype, packed)
+    scale = D ** -0.5
+    o, lse = attention_fwd(q, k, v, scale, config=config)
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, scale, config=config)
+
+    leaf = lambda t: t.detach().cpu().double().requires_grad_()  # noqa: E731
+    qr, kr, vr = leaf(q), leaf(k), leaf(v)
+    or_, lser = reference(qr, kr, vr, scale)
+    or_.backward(do.cpu().double())
+
+    assert o.dtype == dtype and o.shape == (B, H, L, D) and o.is_contiguous()
+    assert lse.dtype == F32 and lse.shape == (B, H, L)
+    for g_ in (dq, dk, dv):
+        assert g_.dtype == dtype and g_.shape == (B, H, L, D) and g_.is_contiguous()
+    tol, gtol = TOL[dtype], TOL[dtype] * GRAD_TOL_FACTOR
+    dq_size, dk_size = ds_term_sizes(qr, kr, vr, do.cpu().double(), scale)
+    errs = {"o": (rel_err(o, or_), tol), "lse": (rel_err(lse, lser), tol),
+            "dq": (rel_err(dq, qr.grad, dq_size), gtol), "dk": (rel_err(dk, kr.grad, dk_size), gtol),
+            "dv": (rel_err(dv, vr.grad), gtol)}
+    bad = {name: e for name, e in errs.items() if not e[0] <= e[1]}
+    assert not bad, f"errors above tolerance (err, tol): {bad} (all: {errs})"
+
+
+# ------------------------------------------------------------------------------ parity
+# (L, D, dtype, packed, H): every L with a couple of D values, dtypes and layouts rotated.
+CASES = [
+    pytest.param(1, 16, F32, False, 2, id="L1-D16-fp32-contig"),  # a single key and query
+    pytest.param(1, 96, BF16, True, 3, id="L1-D96-bf16-packed"),
+    pytest.param(7, 40, F16, True, 2, id="L7-D40-fp16-packed"),  # D not a power of two
+    pytest.param(7, 64, F32, False, 3, id="L7-D64-fp32-contig"),
+    pytest.param(49, 96, F32, True, 2, id="L49-D96-fp32-packed"),  # 7x7 feature map
+    pytest.param(49, 16, BF16, False, 2, id="L49-D16-bf16-contig"),
+    pytest.param(64, 64, F16, False, 2, id="L64-D64-fp16-contig"),  # exactly one block
+    pytest.param(64, 128, BF16, True, 3, id="L64-D128-bf16-packed"),
+    pytest.param(100, 40, BF16, False, 2, id="L100-D40-bf16-contig"),  # partial last block
+    pytest.param(100, 128, F32, True, 2, id="L100-D128-fp32-packed"),
+    pytest.param(100, 256, F16, False, 2, id="L100-D256-fp16-contig"),
+    pytest.param(256, 256, F16, True, 2, id="L256-D256-fp16-packed"),  # 16x16 map, largest head dim
+    pytest.param(256, 96, F32, False, 2, id="L256-D96-fp32-contig"),
+    pytest.param(49, 256, F32, True, 2, id="L49-D256-fp32-packed"),  # fp32 at the largest tile
+]
+
+
+@pytest.mark.parametrize("L,D,dtype,packed,H", CASES)
+def test_parity(L, D, dtype, packed, H):
+    check(2, H, L, D, dtype, packed)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_parity_small_blocks_many_iterations(dtype):
+    """A forced 16x16 tile: every loop iterates several times and both M and N tails are partial."""
+    check(2, 2, 37, 24, dtype, True, config=AttnConfig(16, 16, 32, 1, 1))
+
+
+def test_large_scores_do_not_overflow():
+    """Scores of ~1e3: the online softmax must subtract the running max (no exp overflow)."""
+    q, k, v, do = make_inputs(1, 2, 33, 32, F32, False, seed=3)
+    q = q * 30
+    o, lse = attention_fwd(q, k, v, 1.0)
+    or_, lser = reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), 1.0)
+    assert rel_err(o, or_) <= 1e-4 and rel_err(lse, lser) <= 1e-5
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, 1.0)
+    for t in (dq, dk, dv):
+        assert torch.isfinite(t).all()
+
+
+# ------------------------------------------------------------------------------ determinism
+def test_backward_is_bit_identical():
+    q, k, v, do = make_inputs(2, 2, 100, 40, F16, True, seed=1)
+    o, lse = attention_fwd(q, k, v, 0.2)
+    first = attention_bwd(do, q, k, v, o, lse, 0.2)
+    second = attention_bwd(do, q, k, v, o, lse, 0.2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ configs
+def test_pick_config_only_returns_members_of_all_configs():
+    assert len(ALL_CONFIGS) == len(set(ALL_CONFIGS))
+    seen = set()
+    for L in (1, 2, 7, 16, 49, 63, 64, 65, 100, 256, 1024, 4096):
+        for D in range(16, 257):
+            cfg = pick_config(L, D)
+            assert cfg in ALL_CONFIGS, (L, D, cfg)
+            assert cfg.block_d >= D and cfg.block_d // 2 < max(D, 16), (D, cfg)  # next power of two
+            assert min(cfg.block_m, cfg.block_n) >= 16  # tl.dot needs >= 16
+            seen.add(cfg)
+    assert seen == set(ALL_CONFIGS), "ALL_CONFIGS lists configs pick_config never returns"
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _ok(L=8, D=32):
+    return [torch.randn(2, 2, L, D, device=DEVICE) for _ in range(3)]
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("q3d", ValueError, "q must be 4-D"),
+    ("k_shape", ValueError, "k shape"),
+    ("v_dtype", TypeError, "v dtype"),
+    ("q_int", TypeError, "q must be float"),
+    ("v_device", ValueError, "v is on"),
+    ("d_small", ValueError, "head dim D=8"),
+    ("d_large", ValueError, "head dim D=320"),
+    ("l_zero", ValueError, "L=0"),
+    ("scale_type", TypeError, "scale must be a float"),
+    ("config_type", TypeError, "config must be an AttnConfig"),
+    ("config_small", ValueError, "block_d=16 is smaller than head dim D=32"),
+    ("config_block", ValueError, "block_m=24 must be a power of two"),
+    ("grid_y", ValueError, "B \\* H = 65536 exceeds"),
+])
+def test_forward_bad_inputs_name_the_argument(case, exc, match):
+    q, k, v = _ok()
+    args = dict(q=q, k=k, v=v, scale=0.1)
+    if case == "q3d":
+        args["q"] = q[0]
+    elif case == "k_shape":
+        args["k"] = k[:, :, :4]
+    elif case == "v_dtype":
+        args["v"] = v.half()
+    elif case == "q_int":
+        args["q"] = q.to(torch.int32)
+    elif case == "v_device":
+        args["v"] = torch.empty(v.shape, device="meta")
+    elif case == "d_small":
+        args.update(zip("qkv", _ok(D=8)))
+    elif case == "d_large":
+        args.update(zip("qkv", _ok(D=320)))
+    elif case == "l_zero":
+        args.update(zip("qkv", _ok(L=0)))
+    elif case == "scale_type":
+        args["scale"] = "0.1"
+    elif case == "config_type":
+        args["config"] = (64, 64, 32, 4, 2)
+    elif case == "config_small":
+        args["config"] = AttnConfig(64, 64, 16, 4, 2)
+    elif case == "config_block":
+        args["config"] = AttnConfig(24, 64, 32, 4, 2)
+    elif case == "grid_y":
+        args.update(q=torch.zeros(65536, 1, 1, 16, device=DEVICE), k=torch.zeros(65536, 1, 1, 16, device=DEVICE),
+                    v=torch.zeros(65536, 1, 1, 16, device=DEVICE))
+    with pytest.raises(exc, match=match):
+        attention_fwd(**args)
+
+
+def test_backward_bad_inputs_name_the_argument():
+    q, k, v = _ok()
+    o, lse = attention_fwd(q, k, v, 0.1)
+    do = torch.randn_like(o)
+    with pytest.raises(TypeError, match="do dtype"):
+        attention_bwd(do.half(), q, k, v, o, lse, 0.1)
+    with pytest.raises(ValueError, match="o shape"):
+        attention_bwd(do, q, k, v, o[:, :1], lse, 0.1)
+    with pytest.raises(ValueError, match="lse must be"):
+        attention_bwd(do, q, k, v, o, lse.double(), 0.1)
+    with pytest.raises(ValueError, match="lse must be"):
+        attention_bwd(do, q, k, v, o, lse[:, :, :3], 0.1)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        attention_bwd(do, q, k, v, o, lse, None)
+
+
+# ------------------------------------------------------------------------------ AOT compile
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from jdm_fast.kernels.attention import ALL_CONFIGS, KERNEL_KINDS, aot_compile_args
+
+shard, nshards = int(sys.argv[1]), int(sys.argv[2])
+jobs = [(kind, cfg, dt, cap) for cap in (80, 90) for dt in ("fp32", "fp16", "bf16")
+        for kind in KERNEL_KINDS for cfg in ALL_CONFIGS]
+out = []
+for i, (kind, cfg, dt, cap) in enumerate(jobs):
+    if i % nshards != shard:
+        continue
+    # Inductor passes scale as fp64, the eager JIT as fp32: alternate to compile both.
+    fn, sig, const = aot_compile_args(kind, cfg, dt, scale_dtype="fp64" if (i // nshards) % 2 else "fp32")
+    rec = {"job": f"{kind} {cfg} {dt} sm_{cap}", "cap": cap, "dt": dt, "kind": kind}
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ptx = k.asm["ptx"]
+        rec.update(asm=sorted(k.asm), shared=k.metadata.shared,
+                   tensor_core=("mma" in ptx) or ("wgmma" in ptx))
+    except Exception as e:  # reported by the test, with the job that failed
+        rec["error"] = f"{type(e).__name__}: {e}"[:2000]
+    out.append(rec)
+print(json.dumps(out))
+"""
+
+
+def test_aot_compile_every_kernel_config_dtype_and_target():
+    """triton.compile for sm_80 and sm_90 without a GPU: catches what the interpreter lets through."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions
+    nshards = max(2, min(4, os.cpu_count() or 2))
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(i), str(nshards)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nshards)]
+    records = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+        records += json.loads(out.strip().splitlines()[-1])
+    assert len(records) == 2 * 3 * len(KERNEL_KINDS) * len(ALL_CONFIGS)
+    errors = [(r["job"], r["error"]) for r in records if "error" in r]
+    assert not errors, errors[:5]
+    limit = {80: 163 * 1024, 90: 227 * 1024}
+    for r in records:
+        assert {"cubin", "ptx"} <= set(r["asm"]), r["job"]
+        assert r["shared"] <= limit[r["cap"]], r
+        if r["kind"] != "bwd_preprocess":
+            # fp16/bf16 dots on tensor cores; fp32 dots are input_precision="ieee" (FMA, no TF32)
+            assert r["tensor_core"] == (r["dt"] != "fp32"), r["job"]
