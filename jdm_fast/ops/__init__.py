@@ -1,9 +1,8 @@
 """Operators of jdm_fast: the only place that decides which implementation runs (DESIGN.md).
 
-``group_norm_silu`` runs the fused Triton kernels on CUDA tensors (``backends.py`` decides);
-``attention`` still runs its PyTorch reference (the Triton kernel is issue 4), and the C++/CUDA
-noise-schedule ops (issue 5) slot in here too, so callers (``jdm_fast.nn``, ``jdm_fast.models``)
-never change.
+``group_norm_silu`` and ``attention`` run fused Triton kernels on CUDA tensors and their PyTorch
+references elsewhere (``backends.py`` decides); the C++/CUDA noise-schedule ops (issue 5) slot in
+here too, so callers (``jdm_fast.nn``, ``jdm_fast.models``) never change.
 """
 from jdm_fast.ops.attention import attention
 from jdm_fast.ops.backends import BACKENDS, backend, current_backend

@@ -1,26 +1,109 @@
-"""Non-causal softmax attention on (B, H, L, D) tensors.
+"""Non-causal softmax attention on (B, H, L, D) tensors with any strides.
 
-Reference path: ``torch.nn.functional.scaled_dot_product_attention`` (softmax in fp32 on every
-backend it picks). The fused Triton kernel of issue 4 replaces it behind this function; q, k, v
-may be strided views of a packed qkv tensor.
+Two implementations, chosen per call by ``jdm_fast.ops.backends.use_triton``:
+- Triton (``jdm_fast.kernels.attention``): flash-style kernels registered as the custom op
+  ``torch.ops.jdm_fast.attention_fwd`` (``triton_op``, fake, ``register_autograd``; the backward
+  is the op ``attention_bwd``). Forward saves only the output and the fp32 log-sum-exp; backward
+  recomputes the probabilities. q, k, v are read in place through their strides, so the strided
+  views of a packed qkv tensor need no copies. Dots: fp16/bf16 inputs with fp32 accumulation;
+  fp32 inputs with true fp32 (IEEE) dots. Head dims 16..256.
+- Reference: ``torch.nn.functional.scaled_dot_product_attention`` (softmax in fp32).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+from torch.library import triton_op
+
+from jdm_fast.ops.backends import use_triton
+
+MAX_HEAD_DIM = 256
+MIN_TRITON_HEAD_DIM = 16
+_warned_small_d = False
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"attention: {name} must be a floating tensor, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be (B, H, L, D), got shape {tuple(t.shape)}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"attention: q, k, v must have equal shapes (self-attention), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D={q.shape[-1]} exceeds the supported maximum {MAX_HEAD_DIM}")
+
+
+@triton_op("jdm_fast::attention_fwd", mutates_args=())
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from jdm_fast.kernels.attention import attention_fwd
+
+    return attention_fwd(q, k, v, scale)
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, scale):
+    b, h, length, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, length), dtype=torch.float32)
+
+
+@triton_op("jdm_fast::attention_bwd", mutates_args=())
+def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from jdm_fast.kernels.attention import attention_bwd
+
+    return attention_bwd(do, q, k, v, o, lse, scale)
+
+
+@_bwd.register_fake
+def _bwd_fake(do, q, k, v, o, lse, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v with scale = D**-0.5 by default; returns (B, H, L, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be (B, H, L, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"attention: {name} must be a floating tensor, got {t.dtype}")
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(
-            f"attention: q, k, v must have equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    """softmax(q k^T * scale) v, non-causal; q, k, v (B, H, L, D), any strides; scale = D**-0.5 by default.
+
+    Returns (B, H, L, D) in the input dtype. Head dims up to 256 (Triton path: 16..256; smaller
+    heads run the reference, with a one-time warning).
+    """
+    global _warned_small_d
+    _check(q, k, v)
+    d = q.shape[-1]
+    scale = float(d ** -0.5 if scale is None else scale)
+    if not use_triton(q.device, "attention") or q.numel() == 0:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if d < MIN_TRITON_HEAD_DIM:
+        if not _warned_small_d:
+            _warned_small_d = True
+            warnings.warn(f"jdm_fast attention: head dim {d} < {MIN_TRITON_HEAD_DIM} runs the PyTorch reference",
+                          stacklevel=2)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out, _ = _fwd(q, k, v, scale)
+    return out

@@ -1,0 +1,1 @@
+"""Adapters that put jdm_fast's fused ops into other libraries' models (optional dependencies)."""
