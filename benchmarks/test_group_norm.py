@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_utils import cuda_ms, runner
 from jdm_fast.ops import backend, group_norm_silu
 
 SHAPES = [(256, 128, 32, 32), (256, 256, 16, 16), (256, 256, 8, 8), (256, 256, 4, 4), (256, 384, 32, 32),
@@ -39,7 +40,7 @@ def _apex_ms(x, params, mode):
     c = x.shape[1]
     gn = GroupNorm(GROUPS, c, eps=1e-5, affine=True, act="silu").to(x.device, x.dtype)
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(mode != "fwd")
-    return _ms(_runner(lambda x, *_: gn(x), xc, [], mode))
+    return cuda_ms(runner(gn, [xc], mode))
 
 
 def _inputs(shape, dtype, device, grad):
@@ -50,32 +51,6 @@ def _inputs(shape, dtype, device, grad):
     for p in params:
         p.requires_grad_(grad)
     return x, params
-
-
-def _runner(fn, x, params, mode):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(x, *params)
-    else:
-        dy = torch.randn_like(x)
-
-        def run():
-            fn(x, *params).backward(dy)
-    return run
-
-
-def _ms(run, iters=20) -> float:
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _peak_mb(run) -> float:
@@ -104,12 +79,12 @@ def _peak_bandwidth_gbs(device) -> float | None:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_group_norm_silu_gpu(benchmark, cuda_device, shape, dtype, mode):
     x, params = _inputs(shape, dtype, cuda_device, grad=mode != "fwd")
-    run = _runner(ours, x, params, mode)
-    eager_ms = _ms(_runner(eager, x, params, mode))
-    compile_ms = _ms(_runner(_compiled, x, params, mode))
-    ours_ms = _ms(run)
+    run = runner(ours, [x, *params], mode)
+    eager_ms = cuda_ms(runner(eager, [x, *params], mode))
+    compile_ms = cuda_ms(runner(_compiled, [x, *params], mode))
+    ours_ms = cuda_ms(run)
     apex_ms = _apex_ms(x, params, mode)
-    peak = {"ours_peak_mb": _peak_mb(run), "eager_peak_mb": _peak_mb(_runner(eager, x, params, mode))}
+    peak = {"ours_peak_mb": _peak_mb(run), "eager_peak_mb": _peak_mb(runner(eager, [x, *params], mode))}
     benchmark.pedantic(run, setup=torch.cuda.synchronize, rounds=10, iterations=5, warmup_rounds=2)
     passes = 2 if mode == "fwd" else 5
     gbs = passes * x.numel() * x.element_size() / (ours_ms * 1e-3) / 1e9

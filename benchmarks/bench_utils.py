@@ -1,0 +1,37 @@
+"""Timing helpers shared by the GPU benchmark suites."""
+from __future__ import annotations
+
+import torch
+
+
+def runner(fn, args, mode: str):
+    """A no-argument callable running ``fn(*args)`` forward only, or forward + backward of a fixed
+    upstream gradient shaped like the output (= like ``args[0]`` for the ops benchmarked here)."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*args)
+    else:
+        dy = torch.randn_like(args[0])
+
+        def run():
+            fn(*args).backward(dy)
+    return run
+
+
+def cuda_ms(run, iters: int = 10) -> float | None:
+    """Mean milliseconds per call after warm-up, timed with CUDA events; None when the callable
+    raises (e.g. an SDPA backend that does not support the shape or dtype)."""
+    try:
+        for _ in range(3):
+            run()
+    except RuntimeError:
+        return None
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
