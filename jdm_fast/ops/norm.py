@@ -148,8 +148,7 @@ def group_norm_silu(
     if not use_triton(x.device, "group_norm_silu") or x.numel() == 0:
         return reference(x, num_groups, weight, bias, eps, scale, shift, activation)
     x4 = x if x.dim() == 4 else x.reshape(x.shape[0], c, -1, 1)  # (N, C, L) / 5-D: flatten space
-    if x4.stride(2) != x4.shape[3] * x4.stride(3) or not (x4.is_contiguous() or x4.is_contiguous(
-            memory_format=torch.channels_last)):
+    if not (x4.is_contiguous() or x4.is_contiguous(memory_format=torch.channels_last)):
         x4 = x4.contiguous()  # an unusual layout: one copy, then the kernel's NCHW path
     y, _, _ = _fwd(x4, weight, bias, scale, shift, num_groups, float(eps), int(activation == "silu"))
     return y if x.dim() == 4 else y.reshape(x.shape)

@@ -2,6 +2,7 @@
 the old one, so a crash never leaves a half-written latest checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -24,17 +25,9 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
