@@ -172,3 +172,18 @@ def test_bad_inputs_name_the_argument():
         group_norm_silu(x, 3, shift=torch.randn(2, 6, device="meta"))
     with pytest.raises(TypeError, match="bias must be a floating tensor"):
         group_norm_silu(x, 3, bias=torch.ones(6, dtype=torch.long))
+
+
+@needs_triton
+def test_transposed_sequence_input_runs_in_place():
+    """(B, L, C).transpose(1, 2), as diffusers' attention hands its GroupNorm: viewed as (B, C, L, 1)
+    with a channel stride of 1, which the kernels read without a copy (W = 1: pixel step = stride(2))."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 10, 16, generator=g).to(DEVICE)
+    w, b = torch.randn(16, generator=g).to(DEVICE), torch.randn(16, generator=g).to(DEVICE)
+    x = base.transpose(1, 2)
+    with backend("triton"):
+        y = group_norm_silu(x, 4, w, b, activation=None)
+    with backend("reference"):
+        ref = group_norm_silu(x, 4, w, b, activation=None)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

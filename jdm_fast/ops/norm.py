@@ -101,7 +101,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    if dy.stride(2) != dy.shape[3] * dy.stride(3):  # the kernels flatten H, W: give dy x's layout
+    if dy.shape[2] > 1 and dy.shape[3] > 1 and dy.stride(2) != dy.shape[3] * dy.stride(3):
+        # the kernels flatten H, W (see kernels.group_norm._hw_stride): give dy x's layout
         dy = dy.contiguous(memory_format=_layout(x))
     dx, dw, db, ds, dsh = _bwd(dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act)
     present = [weight, bias, scale, shift]
