@@ -32,6 +32,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from jdm_fast.ops import noise as noise_ops
+
 __all__ = [
     "VARIANCES",
     "GaussianDiffusion",
@@ -250,14 +252,33 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Sample q(x_t | x_0): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``."""
+        """Sample q(x_t | x_0): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``.
+
+        float32/float16/bfloat16 inputs of one dtype run the fused op ``jdm_fast::q_sample``
+        (float32 math, output in x0's dtype); other dtypes (float64) run plain PyTorch.
+        """
         _check_x("x0", x0)
         _check_like("noise", noise, x0, "x0")
         t = self._t(t, x0)
+        if noise.dtype == x0.dtype and noise_ops.fusable(x0):
+            return noise_ops.q_sample(x0, t, self.table("sqrt_alphas_cumprod", x0.device),
+                                      self.table("sqrt_one_minus_alphas_cumprod", x0.device), noise)
         return (
             self._gather("sqrt_alphas_cumprod", t, x0) * x0
             + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
+
+    def q_sample_philox(
+        self, x0: torch.Tensor, t: torch.Tensor, seed: int, offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_t, noise)`` with counter-based noise: ``noise.flatten()[i]`` is element
+        ``offset + i`` of the Philox stream of ``seed`` (``jdm_fast.ops.philox``), the same on
+        every device, so a process holding a slice of a global batch draws exactly its slice."""
+        _check_x("x0", x0)
+        t = self._t(t, x0)
+        return noise_ops.q_sample_philox(x0, t, self.table("sqrt_alphas_cumprod", x0.device),
+                                         self.table("sqrt_one_minus_alphas_cumprod", x0.device),
+                                         seed, offset)
 
     def predict_x0_from_eps(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor

@@ -3,8 +3,10 @@
 The model is any callable ``model_fn(x_t, t) -> eps_hat`` where ``t`` is an int64 tensor of
 shape (B,) holding ORIGINAL timestep indices in [0, T) (also when sampling with fewer steps).
 
-Layout: pure per-step functions (``ancestral_step``, ``ddim_step``; plain differentiable tensor
-math, to be replaced by fused ops later) and the loops that call the model and draw noise.
+Layout: per-step functions (``ancestral_step``, ``ddim_step``: one fused op each,
+``jdm_fast::ancestral_step`` / ``jdm_fast::ddim_step``, for float32/float16/bfloat16 tensors
+when no gradient flows through the step; plain differentiable PyTorch otherwise) and the loops
+that call the model and draw noise.
 All randomness of a loop (x_T and every per-step noise) comes from the explicit
 ``torch.Generator``, so the same seed on the same device gives bit-identical samples. The loops
 run the model under ``torch.no_grad()``.
@@ -19,7 +21,16 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .gaussian import GaussianDiffusion, _check_like, _check_x, check_timesteps, spaced_timesteps
+from jdm_fast.ops import noise as noise_ops
+
+from .gaussian import (
+    GaussianDiffusion,
+    _check_like,
+    _check_x,
+    _variance_tables,
+    check_timesteps,
+    spaced_timesteps,
+)
 
 __all__ = [
     "ModelFn",
@@ -59,6 +70,15 @@ def ancestral_step(
     (posterior mean at the predicted x_0; sigma_t^2 = btilde_t or beta_t). The noise is masked
     per example where ``t == 0``. ``noise=None`` returns the mean (use it for the t = 0 step).
     """
+    if _fused(x_t, eps, noise):
+        _check_x("x_t", x_t)
+        t = check_timesteps(t, x_t, diffusion.num_timesteps)
+        dev = x_t.device
+        return noise_ops.ancestral_step(
+            x_t, eps, t, diffusion.table("sqrt_recip_alphas_cumprod", dev),
+            diffusion.table("sqrt_recipm1_alphas_cumprod", dev),
+            diffusion.table("posterior_mean_coef1", dev), diffusion.table("posterior_mean_coef2", dev),
+            diffusion.table(_variance_tables(variance)[1], dev), clip_denoised, noise)
     out = diffusion.p_mean_variance(eps, x_t, t, clip_denoised=clip_denoised, variance=variance)
     if noise is None:
         return out.mean
@@ -66,6 +86,18 @@ def ancestral_step(
     # sigma_t * 1[t > 0], per example (B, 1, ..., 1): cheaper than exp over the full tensor.
     nonzero = _per_example((t != 0).to(torch.float64), x_t)
     return out.mean + nonzero * diffusion.reverse_std(t, x_t, variance) * noise
+
+
+def _fused(x_t: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor | None) -> bool:
+    """The fused step applies: one supported float dtype, no gradient through the step."""
+    tensors = [x for x in (x_t, eps, noise) if x is not None]
+    if not all(isinstance(x, torch.Tensor) for x in tensors):
+        return False
+    if any(x.dtype != x_t.dtype or x.shape != x_t.shape for x in tensors):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False
+    return noise_ops.fusable(x_t)
 
 
 def _alphas_cumprod(diffusion_or_tables: GaussianDiffusion | torch.Tensor, device: torch.device):
@@ -125,6 +157,8 @@ def ddim_step(
     t_prev = check_timesteps(t_prev, x_t, T, name="t_prev", low=-1)
     if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool((t_prev >= t).any()):
         raise ValueError("t_prev must be smaller than t for every example")
+    if _fused(x_t, eps, noise):
+        return noise_ops.ddim_step(x_t, eps, t, t_prev, abar, eta, clip_denoised, noise)
 
     # Coefficients in float64 on (B,), cast to x's dtype once.
     a = abar.gather(0, t)

@@ -1,0 +1,81 @@
+// Argument checks and helpers shared by the CPU (noise_ops.cpp) and CUDA (noise_cuda_ops.cpp) op
+// implementations of jdm_fast._C. Host code only; the .cu kernels never include this.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+namespace jdm_fast {
+
+inline bool is_supported_float(at::ScalarType s) {
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+// x: a float32/float16/bfloat16 tensor with a batch dimension.
+inline void check_x(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", name, " must have a batch dimension, got a 0-d tensor");
+}
+
+// y must match x in shape, dtype and device.
+inline void check_like(const char* op, const char* name, const at::Tensor& y, const char* xname,
+                       const at::Tensor& x, bool same_dtype = true) {
+  TORCH_CHECK_VALUE(y.sizes() == x.sizes(), op, ": ", name, " must have the shape of ", xname, " ",
+                    x.sizes(), ", got ", y.sizes());
+  TORCH_CHECK_VALUE(y.device() == x.device(), op, ": ", name, " is on ", y.device(), " but ",
+                    xname, " is on ", x.device());
+  if (same_dtype) {
+    TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
+                     y.scalar_type(), " but ", xname, " has dtype ", x.scalar_type(),
+                     " (they must match)");
+  }
+}
+
+// t: int64 of shape (batch,) on x's device.
+inline void check_t(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name,
+                   " must be an int64 tensor of timesteps, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name,
+                    " must have shape (batch,) = (", x.size(0), ",), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+                    " but the data is on ", x.device());
+}
+
+// A schedule table: 1-D float32/float64 on x's device; all tables of an op share one length T.
+inline void check_table(const char* op, const char* name, const at::Tensor& tab, const at::Tensor& x,
+                        int64_t* T) {
+  TORCH_CHECK_TYPE(tab.scalar_type() == at::kFloat || tab.scalar_type() == at::kDouble, op, ": ",
+                   name, " must be a float32 or float64 table, got ", tab.scalar_type());
+  TORCH_CHECK_VALUE(tab.dim() == 1 && tab.numel() > 0, op, ": ", name,
+                    " must be a non-empty 1-D table of length T, got shape ", tab.sizes());
+  TORCH_CHECK_VALUE(tab.device() == x.device(), op, ": ", name, " is on ", tab.device(),
+                    " but the data is on ", x.device());
+  if (*T < 0) {
+    *T = tab.numel();
+  } else {
+    TORCH_CHECK_VALUE(tab.numel() == *T, op, ": ", name, " has length ", tab.numel(),
+                      " but the other schedule tables have length ", *T);
+  }
+}
+
+// Values of a CPU t tensor lie in [low, T) (CUDA kernels assert this on the device instead).
+inline void check_t_range_cpu(const char* op, const char* name, const at::Tensor& t, int64_t low,
+                              int64_t T) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] >= low && p[i] < T, op, ": ", name, "[", i, "] = ", p[i],
+                      " lies outside [", low, ", ", T, ")");
+  }
+}
+
+inline void check_offset(const char* op, int64_t offset) {
+  TORCH_CHECK_VALUE(offset >= 0, op, ": offset must be >= 0, got ", offset);
+}
+
+// Elements per example of x (numel / batch); x has batch >= 1 when called.
+inline int64_t per_example(const at::Tensor& x) { return x.size(0) == 0 ? 0 : x.numel() / x.size(0); }
+
+}  // namespace jdm_fast

@@ -1,0 +1,223 @@
+// CUDA registrations of the noise-schedule ops: argument checks, output allocation and launches
+// of the kernels in noise_cuda.cu on the current stream. Compiled only when the build has CUDA
+// (setup.py defines JDM_FAST_WITH_CUDA). Timestep ranges are asserted on the device (no sync).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "noise_common.h"
+#include "noise_kernels.h"
+
+namespace jdm_fast {
+namespace {
+
+namespace k = jdm_fast::cuda;
+
+int dtype_code(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat:
+      return k::kF32;
+    case at::kHalf:
+      return k::kF16;
+    case at::kBFloat16:
+      return k::kBF16;
+    default:
+      TORCH_CHECK_TYPE(false, "jdm_fast: unsupported dtype ", s);
+  }
+}
+
+k::Launch launch_config() {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return k::Launch{sms * 8, c10::cuda::getCurrentCUDAStream().stream()};
+}
+
+void check(int err) { C10_CUDA_CHECK(static_cast<cudaError_t>(err)); }
+
+// All tables of one op in one dtype (float64 if any is), contiguous.
+at::ScalarType table_dtype(std::initializer_list<const at::Tensor*> tabs) {
+  for (const auto* t : tabs) {
+    if (t->scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+k::Table table(const at::Tensor& t) { return k::Table{t.data_ptr(), t.scalar_type() == at::kDouble}; }
+
+at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t_in, const at::Tensor& a_in,
+                         const at::Tensor& b_in, const at::Tensor& noise_in) {
+  const char* op = "jdm_fast::q_sample";
+  check_x(op, "x0", x0_in);
+  check_like(op, "noise", noise_in, "x0", x0_in);
+  check_t(op, "t", t_in, x0_in);
+  int64_t T = -1;
+  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
+  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
+  c10::cuda::CUDAGuard guard(x0_in.device());
+  const auto td = table_dtype({&a_in, &b_in});
+  const auto x0 = x0_in.contiguous(), noise = noise_in.contiguous(), t = t_in.contiguous();
+  const auto a = a_in.to(td).contiguous(), b = b_in.to(td).contiguous();
+  auto out = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  if (x0.numel() == 0) return out;
+  check(k::q_sample(launch_config(), dtype_code(x0.scalar_type()), x0.data_ptr(), noise.data_ptr(),
+                    out.data_ptr(), t.data_ptr<int64_t>(), table(a), table(b), T, x0.numel(),
+                    per_example(x0)));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
+                                                        const at::Tensor& t_in,
+                                                        const at::Tensor& a_in,
+                                                        const at::Tensor& b_in, int64_t seed,
+                                                        int64_t offset) {
+  const char* op = "jdm_fast::q_sample_philox";
+  check_x(op, "x0", x0_in);
+  check_t(op, "t", t_in, x0_in);
+  check_offset(op, offset);
+  int64_t T = -1;
+  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
+  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
+  c10::cuda::CUDAGuard guard(x0_in.device());
+  const auto td = table_dtype({&a_in, &b_in});
+  const auto x0 = x0_in.contiguous(), t = t_in.contiguous();
+  const auto a = a_in.to(td).contiguous(), b = b_in.to(td).contiguous();
+  auto out = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  auto noise = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  if (x0.numel() == 0) return {out, noise};
+  check(k::q_sample_philox(launch_config(), dtype_code(x0.scalar_type()), x0.data_ptr(),
+                           out.data_ptr(), noise.data_ptr(), t.data_ptr<int64_t>(), table(a),
+                           table(b), T, x0.numel(), per_example(x0), static_cast<uint64_t>(seed),
+                           static_cast<uint64_t>(offset)));
+  return {out, noise};
+}
+
+void check_mse_args(const char* op, const at::Tensor& eps_hat, const at::Tensor& noise) {
+  check_x(op, "eps_hat", eps_hat);
+  check_like(op, "noise", noise, "eps_hat", eps_hat, /*same_dtype=*/false);
+  TORCH_CHECK_TYPE(noise.scalar_type() == eps_hat.scalar_type() || noise.scalar_type() == at::kFloat,
+                   op, ": noise must have eps_hat's dtype (", eps_hat.scalar_type(),
+                   ") or float32, got ", noise.scalar_type());
+}
+
+at::Tensor eps_mse_cuda(const at::Tensor& eps_in, const at::Tensor& noise_in) {
+  const char* op = "jdm_fast::eps_mse";
+  check_mse_args(op, eps_in, noise_in);
+  c10::cuda::CUDAGuard guard(eps_in.device());
+  const auto eps = eps_in.contiguous(), noise = noise_in.contiguous();
+  auto out = at::empty({}, eps.options().dtype(at::kFloat));
+  const int64_t n = eps.numel();
+  if (n == 0) return out.fill_(std::nan(""));
+  auto partials = at::empty({k::eps_mse_num_partials(n)}, eps.options().dtype(at::kFloat));
+  check(k::eps_mse(launch_config(), dtype_code(eps.scalar_type()),
+                   noise.scalar_type() != eps.scalar_type(), eps.data_ptr(), noise.data_ptr(), n,
+                   partials.data_ptr<float>(), out.data_ptr<float>()));
+  return out;
+}
+
+at::Tensor eps_mse_backward_cuda(const at::Tensor& grad_in, const at::Tensor& eps_in,
+                                 const at::Tensor& noise_in) {
+  const char* op = "jdm_fast::eps_mse_backward";
+  check_mse_args(op, eps_in, noise_in);
+  TORCH_CHECK_VALUE(grad_in.numel() == 1, op, ": grad must be a scalar, got shape ", grad_in.sizes());
+  TORCH_CHECK_VALUE(grad_in.device() == eps_in.device(), op, ": grad is on ", grad_in.device(),
+                    " but eps_hat is on ", eps_in.device());
+  c10::cuda::CUDAGuard guard(eps_in.device());
+  const auto eps = eps_in.contiguous(), noise = noise_in.contiguous();
+  const auto grad = grad_in.to(at::kFloat).contiguous();
+  auto out = at::empty_like(eps, at::MemoryFormat::Contiguous);
+  if (eps.numel() == 0) return out;
+  check(k::eps_mse_backward(launch_config(), dtype_code(eps.scalar_type()),
+                            noise.scalar_type() != eps.scalar_type(), grad.data_ptr<float>(),
+                            eps.data_ptr(), noise.data_ptr(), out.data_ptr(), eps.numel()));
+  return out;
+}
+
+int noise_mode(const char* op, const c10::optional<at::Tensor>& noise,
+               const c10::optional<int64_t>& seed, int64_t offset, const at::Tensor& x_t) {
+  check_offset(op, offset);
+  if (noise.has_value()) {
+    TORCH_CHECK_VALUE(!seed.has_value(), op, ": pass either noise or seed, not both");
+    check_like(op, "noise", *noise, "x_t", x_t);
+    return k::kNoiseTensor;
+  }
+  return seed.has_value() ? k::kNoisePhilox : k::kNoNoise;
+}
+
+at::Tensor ancestral_step_cuda(const at::Tensor& x_in, const at::Tensor& eps_in,
+                               const at::Tensor& t_in, const at::Tensor& r_in,
+                               const at::Tensor& rm_in, const at::Tensor& c1_in,
+                               const at::Tensor& c2_in, const at::Tensor& lv_in,
+                               bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
+                               c10::optional<int64_t> seed, int64_t offset) {
+  const char* op = "jdm_fast::ancestral_step";
+  check_x(op, "x_t", x_in);
+  check_like(op, "eps_hat", eps_in, "x_t", x_in);
+  check_t(op, "t", t_in, x_in);
+  const int mode = noise_mode(op, noise_in, seed, offset, x_in);
+  int64_t T = -1;
+  check_table(op, "sqrt_recip_alphas_cumprod", r_in, x_in, &T);
+  check_table(op, "sqrt_recipm1_alphas_cumprod", rm_in, x_in, &T);
+  check_table(op, "posterior_mean_coef1", c1_in, x_in, &T);
+  check_table(op, "posterior_mean_coef2", c2_in, x_in, &T);
+  check_table(op, "log_variance", lv_in, x_in, &T);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto td = table_dtype({&r_in, &rm_in, &c1_in, &c2_in, &lv_in});
+  const auto r = r_in.to(td).contiguous(), rm = rm_in.to(td).contiguous(),
+             c1 = c1_in.to(td).contiguous(), c2 = c2_in.to(td).contiguous(),
+             lv = lv_in.to(td).contiguous();
+  const auto x = x_in.contiguous(), eps = eps_in.contiguous(), t = t_in.contiguous();
+  const at::Tensor noise = mode == k::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  check(k::ancestral_step(launch_config(), dtype_code(x.scalar_type()), x.data_ptr(),
+                          eps.data_ptr(), mode, noise.defined() ? noise.data_ptr() : nullptr,
+                          static_cast<uint64_t>(seed.value_or(0)), static_cast<uint64_t>(offset),
+                          out.data_ptr(), t.data_ptr<int64_t>(),
+                          k::AncestralTables{table(r), table(rm), table(c1), table(c2), table(lv)},
+                          T, clip_denoised, x.numel(), per_example(x)));
+  return out;
+}
+
+at::Tensor ddim_step_cuda(const at::Tensor& x_in, const at::Tensor& eps_in, const at::Tensor& t_in,
+                          const at::Tensor& tprev_in, const at::Tensor& abar_in, double eta,
+                          bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
+                          c10::optional<int64_t> seed, int64_t offset) {
+  const char* op = "jdm_fast::ddim_step";
+  check_x(op, "x_t", x_in);
+  check_like(op, "eps_hat", eps_in, "x_t", x_in);
+  check_t(op, "t", t_in, x_in);
+  check_t(op, "t_prev", tprev_in, x_in);
+  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, op, ": eta must lie in [0, 1], got ", eta);
+  const int mode = noise_mode(op, noise_in, seed, offset, x_in);
+  int64_t T = -1;
+  check_table(op, "alphas_cumprod", abar_in, x_in, &T);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const auto abar = abar_in.contiguous();
+  const auto x = x_in.contiguous(), eps = eps_in.contiguous(), t = t_in.contiguous(),
+             tprev = tprev_in.contiguous();
+  const at::Tensor noise = mode == k::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  check(k::ddim_step(launch_config(), dtype_code(x.scalar_type()), x.data_ptr(), eps.data_ptr(),
+                     mode, noise.defined() ? noise.data_ptr() : nullptr,
+                     static_cast<uint64_t>(seed.value_or(0)), static_cast<uint64_t>(offset),
+                     out.data_ptr(), t.data_ptr<int64_t>(), tprev.data_ptr<int64_t>(), table(abar),
+                     T, eta, clip_denoised, x.numel(), per_example(x)));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(jdm_fast, CUDA, m) {
+  m.impl("q_sample", &q_sample_cuda);
+  m.impl("q_sample_philox", &q_sample_philox_cuda);
+  m.impl("eps_mse", &eps_mse_cuda);
+  m.impl("eps_mse_backward", &eps_mse_backward_cuda);
+  m.impl("ancestral_step", &ancestral_step_cuda);
+  m.impl("ddim_step", &ddim_step_cuda);
+}
+
+}  // namespace jdm_fast

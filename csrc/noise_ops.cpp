@@ -1,0 +1,476 @@
+// jdm_fast._C: op schemas and CPU kernels of the noise-schedule ops.
+//
+// Ops (torch.ops.jdm_fast.<name>); fake implementations and autograd live in
+// jdm_fast/ops/noise.py, the CUDA kernels in noise_cuda.cu (registered by noise_cuda_ops.cpp).
+// Math is float32 per element with per-example coefficients computed in float64 from the
+// schedule tables; outputs are in the input dtype (eps_mse: a float32 scalar). Inputs that are not
+// contiguous are copied to contiguous (row-major) first; outputs are contiguous.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "noise_common.h"
+#include "philox.h"
+
+namespace jdm_fast {
+namespace {
+
+constexpr int64_t kGrain = 16384;  // elements per parallel_for task (at least)
+constexpr int64_t kChunk = 2048;   // elements per Philox scratch fill
+
+// The stream values for global elements [start, start + count) of `seed` (see philox.h).
+void fill_philox(uint64_t seed, uint64_t start, int64_t count, float* out) {
+  int64_t i = 0;
+  while (i < count) {
+    const uint64_t g = start + static_cast<uint64_t>(i);
+    float z[4];
+    philox_normal4(seed, g / 4, z);
+    for (uint64_t lane = g % 4; lane < 4 && i < count; ++lane, ++i) out[i] = z[lane];
+  }
+}
+
+// Calls f(example, j0, j1) for each per-example segment of the flat range [begin, end).
+template <typename F>
+inline void for_segments(int64_t begin, int64_t end, int64_t per, F f) {
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t e = i / per;
+    const int64_t stop = std::min(end, (e + 1) * per);
+    f(e, i, stop);
+    i = stop;
+  }
+}
+
+template <typename F>
+inline void dispatch_table(const at::Tensor& tab, F f) {
+  if (tab.scalar_type() == at::kDouble) {
+    f(tab.data_ptr<double>());
+  } else {
+    f(tab.data_ptr<float>());
+  }
+}
+
+#define JDM_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// ------------------------------------------------------------------------------------ q_sample
+at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t_in, const at::Tensor& a_in,
+                        const at::Tensor& b_in, const at::Tensor& noise_in) {
+  const char* op = "jdm_fast::q_sample";
+  check_x(op, "x0", x0_in);
+  check_like(op, "noise", noise_in, "x0", x0_in);
+  check_t(op, "t", t_in, x0_in);
+  int64_t T = -1;
+  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
+  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
+  const auto x0 = x0_in.contiguous(), noise = noise_in.contiguous(), t = t_in.contiguous();
+  const auto a = a_in.contiguous(), b = b_in.to(a_in.scalar_type()).contiguous();
+  check_t_range_cpu(op, "t", t, 0, T);
+  auto out = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  const int64_t n = x0.numel(), per = per_example(x0);
+  if (n == 0) return out;
+  const int64_t* tp = t.data_ptr<int64_t>();
+  JDM_DISPATCH_FLOAT(x0.scalar_type(), "q_sample_cpu", [&] {
+    const scalar_t* xp = x0.data_ptr<scalar_t>();
+    const scalar_t* np_ = noise.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    dispatch_table(a, [&](auto* ap) {
+      using tab_t = std::remove_const_t<std::remove_pointer_t<decltype(ap)>>;
+      const tab_t* bp = b.data_ptr<tab_t>();
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        for_segments(begin, end, per, [&](int64_t e, int64_t j0, int64_t j1) {
+          const float ca = static_cast<float>(ap[tp[e]]), cb = static_cast<float>(bp[tp[e]]);
+          for (int64_t j = j0; j < j1; ++j) {
+            op_[j] = static_cast<scalar_t>(ca * static_cast<float>(xp[j]) +
+                                           cb * static_cast<float>(np_[j]));
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in,
+                                                       const at::Tensor& t_in,
+                                                       const at::Tensor& a_in,
+                                                       const at::Tensor& b_in, int64_t seed,
+                                                       int64_t offset) {
+  const char* op = "jdm_fast::q_sample_philox";
+  check_x(op, "x0", x0_in);
+  check_t(op, "t", t_in, x0_in);
+  check_offset(op, offset);
+  int64_t T = -1;
+  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
+  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
+  const auto x0 = x0_in.contiguous(), t = t_in.contiguous();
+  const auto a = a_in.contiguous(), b = b_in.to(a_in.scalar_type()).contiguous();
+  check_t_range_cpu(op, "t", t, 0, T);
+  auto out = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  auto noise = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  const int64_t n = x0.numel(), per = per_example(x0);
+  if (n == 0) return {out, noise};
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const uint64_t useed = static_cast<uint64_t>(seed), uoff = static_cast<uint64_t>(offset);
+  JDM_DISPATCH_FLOAT(x0.scalar_type(), "q_sample_philox_cpu", [&] {
+    const scalar_t* xp = x0.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    scalar_t* zp = noise.data_ptr<scalar_t>();
+    dispatch_table(a, [&](auto* ap) {
+      using tab_t = std::remove_const_t<std::remove_pointer_t<decltype(ap)>>;
+      const tab_t* bp = b.data_ptr<tab_t>();
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        float buf[kChunk];
+        for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+          const int64_t c1 = std::min(end, c0 + kChunk);
+          fill_philox(useed, uoff + static_cast<uint64_t>(c0), c1 - c0, buf);
+          for_segments(c0, c1, per, [&](int64_t e, int64_t j0, int64_t j1) {
+            const float ca = static_cast<float>(ap[tp[e]]), cb = static_cast<float>(bp[tp[e]]);
+            for (int64_t j = j0; j < j1; ++j) {
+              const scalar_t z = static_cast<scalar_t>(buf[j - c0]);
+              zp[j] = z;  // x_t uses the noise as returned (rounded to the dtype)
+              op_[j] = static_cast<scalar_t>(ca * static_cast<float>(xp[j]) +
+                                             cb * static_cast<float>(z));
+            }
+          });
+        }
+      });
+    });
+  });
+  return {out, noise};
+}
+
+// ------------------------------------------------------------------------------------ eps_mse
+void check_mse_args(const char* op, const at::Tensor& eps_hat, const at::Tensor& noise) {
+  check_x(op, "eps_hat", eps_hat);
+  check_like(op, "noise", noise, "eps_hat", eps_hat, /*same_dtype=*/false);
+  TORCH_CHECK_TYPE(noise.scalar_type() == eps_hat.scalar_type() || noise.scalar_type() == at::kFloat,
+                   op, ": noise must have eps_hat's dtype (", eps_hat.scalar_type(),
+                   ") or float32, got ", noise.scalar_type());
+}
+
+template <typename F>
+inline void dispatch_mse(const at::Tensor& eps_hat, const at::Tensor& noise, F f) {
+  JDM_DISPATCH_FLOAT(eps_hat.scalar_type(), "eps_mse_cpu", [&] {
+    if (noise.scalar_type() == eps_hat.scalar_type()) {
+      f(eps_hat.data_ptr<scalar_t>(), noise.data_ptr<scalar_t>());
+    } else {
+      f(eps_hat.data_ptr<scalar_t>(), noise.data_ptr<float>());
+    }
+  });
+}
+
+constexpr int64_t kMseChunk = 32768;  // fixed chunks: the sum order never depends on threads
+
+at::Tensor eps_mse_cpu(const at::Tensor& eps_in, const at::Tensor& noise_in) {
+  const char* op = "jdm_fast::eps_mse";
+  check_mse_args(op, eps_in, noise_in);
+  const auto eps = eps_in.contiguous(), noise = noise_in.contiguous();
+  const int64_t n = eps.numel();
+  auto out = at::empty({}, eps.options().dtype(at::kFloat));
+  if (n == 0) {
+    out.fill_(std::nan(""));  // mean of nothing, as torch.nn.functional.mse_loss
+    return out;
+  }
+  const int64_t chunks = (n + kMseChunk - 1) / kMseChunk;
+  std::vector<double> partial(chunks);
+  dispatch_mse(eps, noise, [&](const auto* ep, const auto* np_) {
+    at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t j0 = c * kMseChunk, j1 = std::min(n, j0 + kMseChunk);
+        float acc[16] = {0};
+        int64_t j = j0;
+        for (; j + 16 <= j1; j += 16) {
+          for (int l = 0; l < 16; ++l) {
+            const float d = static_cast<float>(ep[j + l]) - static_cast<float>(np_[j + l]);
+            acc[l] += d * d;
+          }
+        }
+        double s = 0.0;
+        for (; j < j1; ++j) {
+          const float d = static_cast<float>(ep[j]) - static_cast<float>(np_[j]);
+          s += static_cast<double>(d) * d;
+        }
+        for (int l = 0; l < 16; ++l) s += acc[l];
+        partial[c] = s;
+      }
+    });
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  out.fill_(total / static_cast<double>(n));
+  return out;
+}
+
+at::Tensor eps_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& eps_in,
+                                const at::Tensor& noise_in) {
+  const char* op = "jdm_fast::eps_mse_backward";
+  check_mse_args(op, eps_in, noise_in);
+  TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad must be a scalar, got shape ", grad.sizes());
+  const auto eps = eps_in.contiguous(), noise = noise_in.contiguous();
+  auto out = at::empty_like(eps, at::MemoryFormat::Contiguous);
+  const int64_t n = eps.numel();
+  if (n == 0) return out;
+  const float scale = static_cast<float>(grad.item<double>() * 2.0 / static_cast<double>(n));
+  dispatch_mse(eps, noise, [&](const auto* ep, const auto* np_) {
+    using out_t = std::remove_const_t<std::remove_pointer_t<decltype(ep)>>;
+    out_t* op_ = out.data_ptr<out_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        op_[j] = static_cast<out_t>(scale * (static_cast<float>(ep[j]) - static_cast<float>(np_[j])));
+      }
+    });
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- sampler steps
+enum class NoiseMode { kNone, kTensor, kPhilox };
+
+// Clamp to [-1, 1] that lets NaN through (as torch.clamp), so a diverging sampler stays visible.
+inline float clamp1(float v) { return v < -1.f ? -1.f : (v > 1.f ? 1.f : v); }
+
+NoiseMode check_step_noise(const char* op, const c10::optional<at::Tensor>& noise,
+                           const c10::optional<int64_t>& seed, int64_t offset,
+                           const at::Tensor& x_t) {
+  check_offset(op, offset);
+  if (noise.has_value()) {
+    TORCH_CHECK_VALUE(!seed.has_value(), op, ": pass either noise or seed, not both");
+    check_like(op, "noise", *noise, "x_t", x_t);
+    return NoiseMode::kTensor;
+  }
+  return seed.has_value() ? NoiseMode::kPhilox : NoiseMode::kNone;
+}
+
+// Runs seg(e, j0, j1, z) over the per-example segments of the flat range, z pointing at the
+// segment's noise as float32 (Philox scratch or a converted copy of the noise tensor) or
+// nullptr for no noise. seg's inner loop is a plain contiguous loop the compiler vectorizes.
+template <typename scalar_t, typename Seg>
+void step_loop(int64_t n, int64_t per, NoiseMode mode, const scalar_t* zt, uint64_t seed,
+               uint64_t offset, Seg seg) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    float buf[kChunk];
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t c1 = std::min(end, c0 + kChunk);
+      if (mode == NoiseMode::kPhilox) {
+        fill_philox(seed, offset + static_cast<uint64_t>(c0), c1 - c0, buf);
+      } else if (mode == NoiseMode::kTensor) {
+        for (int64_t j = c0; j < c1; ++j) buf[j - c0] = static_cast<float>(zt[j]);
+      }
+      const float* z = mode == NoiseMode::kNone ? nullptr : buf;
+      for_segments(c0, c1, per, [&](int64_t e, int64_t j0, int64_t j1) {
+        seg(e, j0, j1, z == nullptr ? nullptr : z + (j0 - c0));
+      });
+    }
+  });
+}
+
+at::Tensor ancestral_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in,
+                              const at::Tensor& t_in, const at::Tensor& recip_in,
+                              const at::Tensor& recipm1_in, const at::Tensor& coef1_in,
+                              const at::Tensor& coef2_in, const at::Tensor& logvar_in,
+                              bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
+                              c10::optional<int64_t> seed, int64_t offset) {
+  const char* op = "jdm_fast::ancestral_step";
+  check_x(op, "x_t", x_in);
+  check_like(op, "eps_hat", eps_in, "x_t", x_in);
+  check_t(op, "t", t_in, x_in);
+  const NoiseMode mode = check_step_noise(op, noise_in, seed, offset, x_in);
+  int64_t T = -1;
+  check_table(op, "sqrt_recip_alphas_cumprod", recip_in, x_in, &T);
+  check_table(op, "sqrt_recipm1_alphas_cumprod", recipm1_in, x_in, &T);
+  check_table(op, "posterior_mean_coef1", coef1_in, x_in, &T);
+  check_table(op, "posterior_mean_coef2", coef2_in, x_in, &T);
+  check_table(op, "log_variance", logvar_in, x_in, &T);
+  const auto t = t_in.contiguous();
+  check_t_range_cpu(op, "t", t, 0, T);
+  const auto x = x_in.contiguous(), eps = eps_in.contiguous();
+  const at::Tensor noise = mode == NoiseMode::kTensor ? noise_in->contiguous() : at::Tensor();
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel(), per = per_example(x), B = x.size(0);
+  if (n == 0) return out;
+  // Per-example coefficients in float64: (recip, recipm1, c1, c2, sigma).
+  std::vector<double> coef(5 * B);
+  {
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const auto get = [&](const at::Tensor& tab, int64_t i) {
+      return tab.scalar_type() == at::kDouble ? tab.data_ptr<double>()[i]
+                                              : static_cast<double>(tab.data_ptr<float>()[i]);
+    };
+    const auto r = recip_in.contiguous(), rm = recipm1_in.contiguous(), c1 = coef1_in.contiguous(),
+               c2 = coef2_in.contiguous(), lv = logvar_in.contiguous();
+    for (int64_t e = 0; e < B; ++e) {
+      const int64_t tt = tp[e];
+      coef[5 * e + 0] = get(r, tt);
+      coef[5 * e + 1] = get(rm, tt);
+      coef[5 * e + 2] = get(c1, tt);
+      coef[5 * e + 3] = get(c2, tt);
+      coef[5 * e + 4] = tt > 0 ? std::exp(0.5 * get(lv, tt)) : 0.0;  // no noise at t = 0
+    }
+  }
+  JDM_DISPATCH_FLOAT(x.scalar_type(), "ancestral_step_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* ep = eps.data_ptr<scalar_t>();
+    const scalar_t* zt = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    step_loop<scalar_t>(n, per, mode, zt, static_cast<uint64_t>(seed.value_or(0)),
+                        static_cast<uint64_t>(offset),
+                        [&](int64_t e, int64_t j0, int64_t j1, const float* z) {
+      const double* c = &coef[5 * e];
+      const float r = static_cast<float>(c[0]), rm = static_cast<float>(c[1]);
+      const float c1 = static_cast<float>(c[2]), c2 = static_cast<float>(c[3]);
+      const float sigma = static_cast<float>(c[4]);
+      const scalar_t* xs = xp + j0;
+      const scalar_t* es = ep + j0;
+      scalar_t* os = op_ + j0;
+      const int64_t m = j1 - j0;
+      if (clip_denoised) {
+        for (int64_t j = 0; j < m; ++j) {
+          const float xv = static_cast<float>(xs[j]);
+          const float x0 = clamp1(r * xv - rm * static_cast<float>(es[j]));
+          const float zv = z != nullptr ? z[j] : 0.f;
+          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * zv);
+        }
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          const float xv = static_cast<float>(xs[j]);
+          const float x0 = r * xv - rm * static_cast<float>(es[j]);
+          const float zv = z != nullptr ? z[j] : 0.f;
+          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * zv);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor ddim_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in, const at::Tensor& t_in,
+                         const at::Tensor& tprev_in, const at::Tensor& abar_in, double eta,
+                         bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
+                         c10::optional<int64_t> seed, int64_t offset) {
+  const char* op = "jdm_fast::ddim_step";
+  check_x(op, "x_t", x_in);
+  check_like(op, "eps_hat", eps_in, "x_t", x_in);
+  check_t(op, "t", t_in, x_in);
+  check_t(op, "t_prev", tprev_in, x_in);
+  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, op, ": eta must lie in [0, 1], got ", eta);
+  const NoiseMode mode = check_step_noise(op, noise_in, seed, offset, x_in);
+  int64_t T = -1;
+  check_table(op, "alphas_cumprod", abar_in, x_in, &T);
+  const auto t = t_in.contiguous(), tprev = tprev_in.contiguous();
+  check_t_range_cpu(op, "t", t, 0, T);
+  check_t_range_cpu(op, "t_prev", tprev, -1, T);
+  const int64_t B = x_in.size(0);
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const int64_t* pp = tprev.data_ptr<int64_t>();
+  for (int64_t e = 0; e < B; ++e) {
+    TORCH_CHECK_VALUE(pp[e] < tp[e], op, ": t_prev[", e, "] = ", pp[e], " must be smaller than t[",
+                      e, "] = ", tp[e]);
+  }
+  const auto x = x_in.contiguous(), eps = eps_in.contiguous();
+  const at::Tensor noise = mode == NoiseMode::kTensor ? noise_in->contiguous() : at::Tensor();
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel(), per = per_example(x);
+  if (n == 0) return out;
+  // Per-example (recip, recipm1, sqrt(abar_prev), dir, sigma) in float64.
+  std::vector<double> coef(5 * B);
+  const auto abar = abar_in.to(at::kDouble).contiguous();
+  const double* ab = abar.data_ptr<double>();
+  for (int64_t e = 0; e < B; ++e) {
+    const double a = ab[tp[e]], ap = pp[e] >= 0 ? ab[pp[e]] : 1.0;
+    const double sigma = eta * std::sqrt(std::max(0.0, (1.0 - ap) / (1.0 - a) * (1.0 - a / ap)));
+    coef[5 * e + 0] = 1.0 / std::sqrt(a);
+    coef[5 * e + 1] = std::sqrt(1.0 / a - 1.0);
+    coef[5 * e + 2] = std::sqrt(ap);
+    coef[5 * e + 3] = std::sqrt(std::max(0.0, 1.0 - ap - sigma * sigma));
+    coef[5 * e + 4] = sigma;
+  }
+  JDM_DISPATCH_FLOAT(x.scalar_type(), "ddim_step_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* ep = eps.data_ptr<scalar_t>();
+    const scalar_t* zt = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    step_loop<scalar_t>(n, per, mode, zt, static_cast<uint64_t>(seed.value_or(0)),
+                        static_cast<uint64_t>(offset),
+                        [&](int64_t e, int64_t j0, int64_t j1, const float* z) {
+      const double* c = &coef[5 * e];
+      const float recip = static_cast<float>(c[0]), recipm1 = static_cast<float>(c[1]);
+      const float sap = static_cast<float>(c[2]), dir = static_cast<float>(c[3]);
+      const float sigma = static_cast<float>(c[4]);
+      const scalar_t* xs = xp + j0;
+      const scalar_t* es = ep + j0;
+      scalar_t* os = op_ + j0;
+      const int64_t m = j1 - j0;
+      if (clip_denoised) {
+        for (int64_t j = 0; j < m; ++j) {
+          const float xv = static_cast<float>(xs[j]);
+          const float x0 = clamp1(recip * xv - recipm1 * static_cast<float>(es[j]));
+          const float ev = (recip * xv - x0) / recipm1;
+          const float zv = z != nullptr ? z[j] : 0.f;
+          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * zv);
+        }
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          const float xv = static_cast<float>(xs[j]), ev = static_cast<float>(es[j]);
+          const float x0 = recip * xv - recipm1 * ev;
+          const float zv = z != nullptr ? z[j] : 0.f;
+          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * zv);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(jdm_fast, m) {
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, Tensor noise) -> Tensor");
+  m.def(
+      "q_sample_philox(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("eps_mse(Tensor eps_hat, Tensor noise) -> Tensor");
+  m.def("eps_mse_backward(Tensor grad, Tensor eps_hat, Tensor noise) -> Tensor");
+  m.def(
+      "ancestral_step(Tensor x_t, Tensor eps_hat, Tensor t, Tensor sqrt_recip_alphas_cumprod, "
+      "Tensor sqrt_recipm1_alphas_cumprod, Tensor posterior_mean_coef1, "
+      "Tensor posterior_mean_coef2, Tensor log_variance, bool clip_denoised, Tensor? noise, "
+      "int? seed, int offset) -> Tensor");
+  m.def(
+      "ddim_step(Tensor x_t, Tensor eps_hat, Tensor t, Tensor t_prev, Tensor alphas_cumprod, "
+      "float eta, bool clip_denoised, Tensor? noise, int? seed, int offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(jdm_fast, CPU, m) {
+  m.impl("q_sample", &q_sample_cpu);
+  m.impl("q_sample_philox", &q_sample_philox_cpu);
+  m.impl("eps_mse", &eps_mse_cpu);
+  m.impl("eps_mse_backward", &eps_mse_backward_cpu);
+  m.impl("ancestral_step", &ancestral_step_cpu);
+  m.impl("ddim_step", &ddim_step_cpu);
+}
+
+}  // namespace jdm_fast
+
+// A plain extension module: importing jdm_fast._C runs the registrations above. WITH_CUDA tells
+// whether the CUDA kernels were compiled in.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+#ifdef JDM_FAST_WITH_CUDA
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+#endif
+  return mod;
+}
+}
