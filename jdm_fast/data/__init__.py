@@ -7,11 +7,13 @@ walks epochs for a trainer and resumes exactly at any global step.
 from .augment import (
     PADDING_MODES,
     AugmentConfig,
+    AugmentParams,
     apply_augment,
     color_jitter,
     default_augment,
     random_flip,
     random_translate,
+    sample_augment_params,
 )
 from .datasets import (
     DATASET_INFO,
@@ -28,6 +30,7 @@ from .loaders import (
     BACKENDS,
     BatchLoader,
     build_loader,
+    choose_backend,
     derive_seed,
     epoch_permutation,
     infinite_batches,
@@ -40,6 +43,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "PADDING_MODES",
     "AugmentConfig",
+    "AugmentParams",
     "BatchLoader",
     "DatasetError",
     "DatasetInfo",
@@ -47,6 +51,7 @@ __all__ = [
     "ImageDataset",
     "apply_augment",
     "build_loader",
+    "choose_backend",
     "color_jitter",
     "dataset_defaults",
     "default_augment",
@@ -56,6 +61,7 @@ __all__ = [
     "load_dataset",
     "random_flip",
     "random_translate",
+    "sample_augment_params",
     "shard_ranges",
     "stratified_split",
 ]

@@ -15,12 +15,14 @@ from .datasets import DATASET_INFO
 
 __all__ = [
     "AugmentConfig",
+    "AugmentParams",
     "PADDING_MODES",
     "apply_augment",
     "color_jitter",
     "default_augment",
     "random_flip",
     "random_translate",
+    "sample_augment_params",
 ]
 
 PADDING_MODES = ("constant", "reflect", "replicate")
@@ -47,6 +49,10 @@ def random_flip(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
+    return _flip_with(x, flip)
+
+
+def _flip_with(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -73,11 +79,18 @@ def random_translate(
         raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
     if pad == 0:
         return x
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=x.device)
+    return _translate_with(x, pad, offsets, padding_mode)
+
+
+def _translate_with(
+    x: torch.Tensor, pad: int, offsets: torch.Tensor, padding_mode: str
+) -> torch.Tensor:
+    n, c, h, w = x.shape
     if padding_mode == "constant":
         padded = F.pad(x, (pad, pad, pad, pad), mode="constant", value=-1.0)
     else:
         padded = F.pad(x, (pad, pad, pad, pad), mode=padding_mode)
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=x.device)
     rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (N, H) rows of padded to keep
     cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (N, W)
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
@@ -105,8 +118,19 @@ def color_jitter(
     if brightness == 0 and contrast == 0:
         return x
     u = torch.rand(x.shape[0], 2, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-    shift = (2 * brightness * u[:, 0]).view(-1, 1, 1, 1)
-    scale = (1 + contrast * u[:, 1]).view(-1, 1, 1, 1)
+    shift, scale = _jitter_shift_scale(u, brightness, contrast)
+    return _jitter_with(x, shift, scale)
+
+
+def _jitter_shift_scale(
+    u: torch.Tensor, brightness: float, contrast: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample additive shift and contrast scale from draws ``u`` in [-1, 1], shape (N, 2)."""
+    return 2 * brightness * u[:, 0], 1 + contrast * u[:, 1]
+
+
+def _jitter_with(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    shift, scale = shift.view(-1, 1, 1, 1), scale.view(-1, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - mean) * scale + mean + shift).clamp_(-1.0, 1.0)
 
@@ -146,13 +170,63 @@ def apply_augment(
 ) -> torch.Tensor:
     """Apply the augmentations ``cfg`` enables, all drawing from ``generator`` in a fixed order."""
     _check_batch(x, generator)
-    if cfg.flip:
-        x = random_flip(x, generator)
-    if cfg.pad > 0:
-        x = random_translate(x, cfg.pad, generator, cfg.padding_mode)
-    if cfg.brightness > 0 or cfg.contrast > 0:
-        x = color_jitter(x, cfg.brightness, cfg.contrast, generator)
+    if cfg.pad > 0 and cfg.padding_mode == "reflect" and cfg.pad >= min(x.shape[2:]):
+        raise ValueError(
+            f"reflect padding needs pad < image size, got pad={cfg.pad} for "
+            f"{x.shape[2]}x{x.shape[3]}"
+        )
+    params = sample_augment_params(cfg, x.shape[0], generator, x.device, x.dtype)
+    if params.flip is not None:
+        x = _flip_with(x, params.flip)
+    if params.offsets is not None:
+        x = _translate_with(x, cfg.pad, params.offsets, cfg.padding_mode)
+    if params.shift is not None:
+        x = _jitter_with(x, params.shift, params.scale)
     return x
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """The random draws of one augmented batch (``None`` where the augmentation is off).
+
+    Attributes:
+        flip: bool (N,), mirror sample i horizontally.
+        offsets: int64 (N, 2), (dy, dx) in ``[0, 2*pad]``: top-left corner of the crop taken from
+            the image padded by ``pad`` on each side.
+        shift, scale: float (N,), colour jitter ``(x - mean) * scale + mean + shift``.
+    """
+
+    flip: torch.Tensor | None
+    offsets: torch.Tensor | None
+    shift: torch.Tensor | None
+    scale: torch.Tensor | None
+
+
+def sample_augment_params(
+    cfg: AugmentConfig,
+    n: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> AugmentParams:
+    """Draw the parameters :func:`apply_augment` uses for a batch of ``n`` samples.
+
+    Draws exactly what ``random_flip``, ``random_translate`` and ``color_jitter`` draw, in the
+    same order, so ``apply_augment(x, cfg, g)`` equals applying ``sample_augment_params(cfg,
+    len(x), g')`` for a generator ``g'`` in the same state. Pipelines that cannot run torch ops
+    (DALI) take their flips, crop offsets and jitter from here.
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    flip = offsets = shift = scale = None
+    if cfg.flip:
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+    if cfg.pad > 0:
+        offsets = torch.randint(0, 2 * cfg.pad + 1, (n, 2), generator=generator, device=device)
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        u = torch.rand(n, 2, generator=generator, device=device, dtype=dtype) * 2 - 1
+        shift, scale = _jitter_shift_scale(u, cfg.brightness, cfg.contrast)
+    return AugmentParams(flip, offsets, shift, scale)
 
 
 def default_augment(dataset_name: str) -> AugmentConfig:

@@ -97,12 +97,15 @@ class ImageDataset:
         labels: int64 array ``(N,)`` with values in ``[0, num_classes)``.
         num_classes: number of classes (may exceed the classes present in a split).
         name: dataset name (a known name or the folder path); picks default augmentations.
+        files: for image folders, the file each sample was decoded from (same order), so that
+            the DALI backend can read and decode the files itself; ``None`` otherwise.
     """
 
     images: np.ndarray
     labels: np.ndarray
     num_classes: int
     name: str
+    files: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
@@ -116,6 +119,13 @@ class ImageDataset:
         if len(self.labels) != len(self.images):
             raise DatasetError(
                 f"images and labels differ in length: {len(self.images)} vs {len(self.labels)}"
+            )
+        if self.files is not None and (
+            not isinstance(self.files, tuple) or len(self.files) != len(self.labels)
+        ):
+            raise DatasetError(
+                f"files must be a tuple of one path per image ({len(self.labels)}), got "
+                f"{type(self.files).__name__} of length {len(self.files)}"
             )
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise DatasetError(f"num_classes must be a positive int, got {self.num_classes!r}")
@@ -529,4 +539,5 @@ def _load_folder(root: Path, split: str) -> ImageDataset:
     if mode == "L":
         images = images[..., None]
     labels = np.asarray([label for _, label in chosen], dtype=np.int64)
-    return ImageDataset(images, labels, len(classes), str(root))
+    files_of_split = tuple(str(path) for path, _ in chosen)
+    return ImageDataset(images, labels, len(classes), str(root), files_of_split)

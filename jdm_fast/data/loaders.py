@@ -1,6 +1,6 @@
-"""Batch loaders: a device-resident tensor loader, a torch DataLoader, and (later) DALI.
+"""Batch loaders: a device-resident tensor loader, a torch DataLoader, and NVIDIA DALI pipelines.
 
-All backends share one definition of an epoch, so they yield identical batches:
+All backends share one definition of an epoch, so they yield the same samples in each batch:
 
 * The epoch order is ``torch.randperm`` on a CPU ``torch.Generator`` seeded by
   ``derive_seed(seed, epoch)``: never the global RNG, the same on every device and backend.
@@ -11,12 +11,21 @@ All backends share one definition of an epoch, so they yield identical batches:
 * Batch ``b`` is augmented on the device with a generator seeded by
   ``derive_seed(seed, epoch, b, shard_index)``, so resuming at batch ``k`` (``skip_batches=k``)
   reproduces an uninterrupted epoch exactly, augmentation included.
+* ``"tensor"`` and ``"torch"`` yield identical batches, augmentation included. ``"dali"`` draws
+  its augmentation parameters from the same seeds on a CPU generator (see dali_pipelines.py):
+  identical to ``"tensor"`` on a CPU device, reproducible and skip-exact everywhere, but on CUDA
+  the ``"tensor"`` backend draws on the device, so the two augment differently there.
+
+Backend ``"auto"`` (see :func:`choose_backend`): ``"tensor"`` whenever the uint8 set fits the
+device (always on CPU, where it is zero-copy; on CUDA when it takes at most a quarter of the free
+device memory), else ``"dali"``, else, where DALI is missing, ``"torch"`` with one warning.
 
 Batches are ``(x, y)``: float32 NCHW in [-1, 1] (``uint8 / 127.5 - 1``, exact at 0 and 255) and
 int64 labels, both on ``device``.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "BatchLoader",
     "build_loader",
+    "choose_backend",
     "derive_seed",
     "epoch_permutation",
     "infinite_batches",
@@ -160,7 +170,13 @@ class BatchLoader:
         self.device, self.channels_last = device, channels_last
         self.epoch, self.skip_batches = 0, 0
         self._num_batches = len(shard_ranges(len(dataset), batch_size, *shard, drop_last))
-        if backend == "tensor":
+        if backend == "dali":
+            from .dali_pipelines import DaliEpochs
+
+            self._dali = DaliEpochs(
+                dataset, batch_size, self.shard_index, seed, augment_config, device
+            )
+        elif backend == "tensor":
             # One upload of the whole uint8 set; every batch is then gathered on the device.
             self._images = _as_tensor(dataset.images).to(device)
             self._labels = _as_tensor(dataset.labels).to(device)
@@ -206,6 +222,12 @@ class BatchLoader:
         ranges = shard_ranges(
             len(self.dataset), self.batch_size, self.shard_index, self.num_shards, self.drop_last
         )[skip:]
+        if self.backend == "dali":
+            order_np = order.numpy()
+            plan = [(b, order_np[lo:hi]) for b, (lo, hi) in enumerate(ranges, start=skip)]
+            for x, y in self._dali.iterate(epoch, plan):  # x: float32 NHWC, augmented
+                yield self._layout(x.permute(0, 3, 1, 2)), y.to(self.device, non_blocking=True)
+            return
         if self.backend == "tensor":
             order = order.to(self.device)  # one host-to-device copy per epoch
             raw = (
@@ -230,21 +252,59 @@ class BatchLoader:
                 derive_seed(self.seed, epoch, batch_index, self.shard_index, _AUG_TAG)
             )
             x = apply_augment(x, self.augment_config, generator)
+        return self._layout(x)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 
 
 def _check_dali() -> None:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
+    from .dali_pipelines import DALI_PACKAGE, dali_unavailable_reason
+
+    reason = dali_unavailable_reason()
+    if reason is not None:
         raise ImportError(
-            "the 'dali' loader backend needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-            "--extra-index-url https://pypi.nvidia.com (or use backend='tensor')"
-        ) from e
-    raise NotImplementedError(
-        "the 'dali' loader backend arrives with the DALI pipelines; use backend='tensor' for now"
-    )
+            f"backend='dali' needs NVIDIA DALI ({DALI_PACKAGE}, Linux only): {reason}. "
+            "Install it, or use backend='tensor', 'torch' or 'auto'"
+        )
+
+
+_AUTO_FRACTION = 0.25  # "fits": the uint8 set takes at most this share of free device memory
+_fallback_warned = False
+
+
+def choose_backend(dataset: ImageDataset, device: str | torch.device) -> str:
+    """What ``backend="auto"`` picks for ``dataset`` on ``device``.
+
+    ``"tensor"`` when the uint8 set fits the device: always on CPU (the arrays are used in place,
+    and measured fastest there: benchmarks/test_loaders.py), and on CUDA when it needs at most a
+    quarter of the free device memory (gathering and augmenting on the device beats any host
+    pipeline). Larger sets stream through ``"dali"``; where DALI is unavailable, through
+    ``"torch"``, with one warning saying so.
+    """
+    global _fallback_warned
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "tensor"
+    free, _ = torch.cuda.mem_get_info(device)
+    if dataset.images.nbytes <= _AUTO_FRACTION * free:
+        return "tensor"
+    from .dali_pipelines import DALI_PACKAGE, dali_unavailable_reason
+
+    reason = dali_unavailable_reason()
+    if reason is None:
+        return "dali"
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"jdm_fast.data: loader backend 'auto' would stream {dataset.name!r} "
+            f"({dataset.images.nbytes / 2**30:.1f} GiB, more than a quarter of the free device "
+            f"memory) through NVIDIA DALI, but {reason}; falling back to the torch DataLoader "
+            f"(install {DALI_PACKAGE} for the DALI pipeline)",
+            RuntimeWarning, stacklevel=3,
+        )
+    return "torch"
 
 
 def build_loader(
@@ -253,7 +313,7 @@ def build_loader(
     backend: str = "auto",
     shard: tuple[int, int] = (0, 1),
     seed: int = 0,
-    augment: bool = False,
+    augment: bool = True,
     drop_last: bool = True,
     device: str | torch.device = "cpu",
     epoch: int = 0,
@@ -270,7 +330,9 @@ def build_loader(
             ``load_dataset(name, "train", data_dir)``.
         batch_size: samples per batch of this shard (per-process batch).
         backend: ``"tensor"`` (whole uint8 set on the device; gather, convert and augment there),
-            ``"torch"`` (torch DataLoader, same order), ``"dali"`` (not yet), ``"auto"`` = tensor.
+            ``"torch"`` (torch DataLoader, same order), ``"dali"`` (NVIDIA DALI pipeline, same
+            order; image folders are read and decoded by DALI), ``"auto"`` (see
+            :func:`choose_backend`).
         shard: ``(index, count)`` of this process; shards are disjoint and cover each epoch.
         seed: base seed of orders and augmentations.
         augment: apply ``augment_config`` (default: ``default_augment(dataset.name)``).
@@ -286,7 +348,6 @@ def build_loader(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "dali":
         _check_dali()
-    backend = "tensor" if backend == "auto" else backend
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset(str(dataset), "train", data_dir)
     if not isinstance(dataset, ImageDataset):
@@ -320,9 +381,12 @@ def build_loader(
                 f"{config.pad} pixels, got {h}x{w}"
             )
         config = config if config.enabled else None
+    device = _resolve_device(device)
+    if backend == "auto":
+        backend = choose_backend(dataset, device)
     loader = BatchLoader(
         dataset, batch_size, backend, (shard[0], shard[1]), seed, config, drop_last,
-        _resolve_device(device), channels_last, num_workers,
+        device, channels_last, num_workers,
     )
     loader.set_epoch(epoch, skip_batches)
     return loader
