@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "noise_kernels.h"  // NoiseMode (plain enum, no CUDA types)
+
 #include <cstdint>
 #include <string>
 
@@ -77,5 +79,69 @@ inline void check_offset(const char* op, int64_t offset) {
 
 // Elements per example of x (numel / batch); x has batch >= 1 when called.
 inline int64_t per_example(const at::Tensor& x) { return x.size(0) == 0 ? 0 : x.numel() / x.size(0); }
+
+// ---------------------------------------------------------------- the checks of each op
+// Each returns T (the tables' common length) where the op has tables. Value ranges of t are
+// checked by the callers: on the CPU (check_t_range_cpu), on CUDA by a device-side assert.
+
+inline int64_t check_q_sample_args(const char* op, const at::Tensor& x0, const at::Tensor& t,
+                                   const at::Tensor& a, const at::Tensor& b) {
+  check_x(op, "x0", x0);
+  check_t(op, "t", t, x0);
+  int64_t T = -1;
+  check_table(op, "sqrt_alphas_cumprod", a, x0, &T);
+  check_table(op, "sqrt_one_minus_alphas_cumprod", b, x0, &T);
+  return T;
+}
+
+inline void check_mse_args(const char* op, const at::Tensor& eps_hat, const at::Tensor& noise) {
+  check_x(op, "eps_hat", eps_hat);
+  check_like(op, "noise", noise, "eps_hat", eps_hat, /*same_dtype=*/false);
+  TORCH_CHECK_TYPE(noise.scalar_type() == eps_hat.scalar_type() || noise.scalar_type() == at::kFloat,
+                   op, ": noise must have eps_hat's dtype (", eps_hat.scalar_type(),
+                   ") or float32, got ", noise.scalar_type());
+}
+
+// Where a sampler step's noise comes from: the tensor, the Philox stream of seed, or none.
+inline cuda::NoiseMode check_step_noise(const char* op, const c10::optional<at::Tensor>& noise,
+                                        const c10::optional<int64_t>& seed, int64_t offset,
+                                        const at::Tensor& x_t) {
+  check_offset(op, offset);
+  if (noise.has_value()) {
+    TORCH_CHECK_VALUE(!seed.has_value(), op, ": pass either noise or seed, not both");
+    check_like(op, "noise", *noise, "x_t", x_t);
+    return cuda::kNoiseTensor;
+  }
+  return seed.has_value() ? cuda::kNoisePhilox : cuda::kNoNoise;
+}
+
+inline int64_t check_ancestral_args(const char* op, const at::Tensor& x, const at::Tensor& eps,
+                                    const at::Tensor& t, const at::Tensor& r, const at::Tensor& rm,
+                                    const at::Tensor& c1, const at::Tensor& c2,
+                                    const at::Tensor& lv) {
+  check_x(op, "x_t", x);
+  check_like(op, "eps_hat", eps, "x_t", x);
+  check_t(op, "t", t, x);
+  int64_t T = -1;
+  check_table(op, "sqrt_recip_alphas_cumprod", r, x, &T);
+  check_table(op, "sqrt_recipm1_alphas_cumprod", rm, x, &T);
+  check_table(op, "posterior_mean_coef1", c1, x, &T);
+  check_table(op, "posterior_mean_coef2", c2, x, &T);
+  check_table(op, "log_variance", lv, x, &T);
+  return T;
+}
+
+inline int64_t check_ddim_args(const char* op, const at::Tensor& x, const at::Tensor& eps,
+                               const at::Tensor& t, const at::Tensor& t_prev,
+                               const at::Tensor& abar, double eta) {
+  check_x(op, "x_t", x);
+  check_like(op, "eps_hat", eps, "x_t", x);
+  check_t(op, "t", t, x);
+  check_t(op, "t_prev", t_prev, x);
+  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, op, ": eta must lie in [0, 1], got ", eta);
+  int64_t T = -1;
+  check_table(op, "alphas_cumprod", abar, x, &T);
+  return T;
+}
 
 }  // namespace jdm_fast

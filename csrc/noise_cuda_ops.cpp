@@ -50,12 +50,8 @@ k::Table table(const at::Tensor& t) { return k::Table{t.data_ptr(), t.scalar_typ
 at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t_in, const at::Tensor& a_in,
                          const at::Tensor& b_in, const at::Tensor& noise_in) {
   const char* op = "jdm_fast::q_sample";
-  check_x(op, "x0", x0_in);
+  const int64_t T = check_q_sample_args(op, x0_in, t_in, a_in, b_in);
   check_like(op, "noise", noise_in, "x0", x0_in);
-  check_t(op, "t", t_in, x0_in);
-  int64_t T = -1;
-  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
-  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
   c10::cuda::CUDAGuard guard(x0_in.device());
   const auto td = table_dtype({&a_in, &b_in});
   const auto x0 = x0_in.contiguous(), noise = noise_in.contiguous(), t = t_in.contiguous();
@@ -74,12 +70,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
                                                         const at::Tensor& b_in, int64_t seed,
                                                         int64_t offset) {
   const char* op = "jdm_fast::q_sample_philox";
-  check_x(op, "x0", x0_in);
-  check_t(op, "t", t_in, x0_in);
+  const int64_t T = check_q_sample_args(op, x0_in, t_in, a_in, b_in);
   check_offset(op, offset);
-  int64_t T = -1;
-  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
-  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
   c10::cuda::CUDAGuard guard(x0_in.device());
   const auto td = table_dtype({&a_in, &b_in});
   const auto x0 = x0_in.contiguous(), t = t_in.contiguous();
@@ -92,14 +84,6 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
                            table(b), T, x0.numel(), per_example(x0), static_cast<uint64_t>(seed),
                            static_cast<uint64_t>(offset)));
   return {out, noise};
-}
-
-void check_mse_args(const char* op, const at::Tensor& eps_hat, const at::Tensor& noise) {
-  check_x(op, "eps_hat", eps_hat);
-  check_like(op, "noise", noise, "eps_hat", eps_hat, /*same_dtype=*/false);
-  TORCH_CHECK_TYPE(noise.scalar_type() == eps_hat.scalar_type() || noise.scalar_type() == at::kFloat,
-                   op, ": noise must have eps_hat's dtype (", eps_hat.scalar_type(),
-                   ") or float32, got ", noise.scalar_type());
 }
 
 at::Tensor eps_mse_cuda(const at::Tensor& eps_in, const at::Tensor& noise_in) {
@@ -135,17 +119,6 @@ at::Tensor eps_mse_backward_cuda(const at::Tensor& grad_in, const at::Tensor& ep
   return out;
 }
 
-int noise_mode(const char* op, const c10::optional<at::Tensor>& noise,
-               const c10::optional<int64_t>& seed, int64_t offset, const at::Tensor& x_t) {
-  check_offset(op, offset);
-  if (noise.has_value()) {
-    TORCH_CHECK_VALUE(!seed.has_value(), op, ": pass either noise or seed, not both");
-    check_like(op, "noise", *noise, "x_t", x_t);
-    return k::kNoiseTensor;
-  }
-  return seed.has_value() ? k::kNoisePhilox : k::kNoNoise;
-}
-
 at::Tensor ancestral_step_cuda(const at::Tensor& x_in, const at::Tensor& eps_in,
                                const at::Tensor& t_in, const at::Tensor& r_in,
                                const at::Tensor& rm_in, const at::Tensor& c1_in,
@@ -153,16 +126,8 @@ at::Tensor ancestral_step_cuda(const at::Tensor& x_in, const at::Tensor& eps_in,
                                bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
                                c10::optional<int64_t> seed, int64_t offset) {
   const char* op = "jdm_fast::ancestral_step";
-  check_x(op, "x_t", x_in);
-  check_like(op, "eps_hat", eps_in, "x_t", x_in);
-  check_t(op, "t", t_in, x_in);
-  const int mode = noise_mode(op, noise_in, seed, offset, x_in);
-  int64_t T = -1;
-  check_table(op, "sqrt_recip_alphas_cumprod", r_in, x_in, &T);
-  check_table(op, "sqrt_recipm1_alphas_cumprod", rm_in, x_in, &T);
-  check_table(op, "posterior_mean_coef1", c1_in, x_in, &T);
-  check_table(op, "posterior_mean_coef2", c2_in, x_in, &T);
-  check_table(op, "log_variance", lv_in, x_in, &T);
+  const int64_t T = check_ancestral_args(op, x_in, eps_in, t_in, r_in, rm_in, c1_in, c2_in, lv_in);
+  const int mode = check_step_noise(op, noise_in, seed, offset, x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const auto td = table_dtype({&r_in, &rm_in, &c1_in, &c2_in, &lv_in});
   const auto r = r_in.to(td).contiguous(), rm = rm_in.to(td).contiguous(),
@@ -186,14 +151,8 @@ at::Tensor ddim_step_cuda(const at::Tensor& x_in, const at::Tensor& eps_in, cons
                           bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
                           c10::optional<int64_t> seed, int64_t offset) {
   const char* op = "jdm_fast::ddim_step";
-  check_x(op, "x_t", x_in);
-  check_like(op, "eps_hat", eps_in, "x_t", x_in);
-  check_t(op, "t", t_in, x_in);
-  check_t(op, "t_prev", tprev_in, x_in);
-  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, op, ": eta must lie in [0, 1], got ", eta);
-  const int mode = noise_mode(op, noise_in, seed, offset, x_in);
-  int64_t T = -1;
-  check_table(op, "alphas_cumprod", abar_in, x_in, &T);
+  const int64_t T = check_ddim_args(op, x_in, eps_in, t_in, tprev_in, abar_in, eta);
+  const int mode = check_step_noise(op, noise_in, seed, offset, x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   const auto abar = abar_in.contiguous();
   const auto x = x_in.contiguous(), eps = eps_in.contiguous(), t = t_in.contiguous(),

@@ -62,12 +62,8 @@ inline void dispatch_table(const at::Tensor& tab, F f) {
 at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t_in, const at::Tensor& a_in,
                         const at::Tensor& b_in, const at::Tensor& noise_in) {
   const char* op = "jdm_fast::q_sample";
-  check_x(op, "x0", x0_in);
+  const int64_t T = check_q_sample_args(op, x0_in, t_in, a_in, b_in);
   check_like(op, "noise", noise_in, "x0", x0_in);
-  check_t(op, "t", t_in, x0_in);
-  int64_t T = -1;
-  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
-  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
   const auto x0 = x0_in.contiguous(), noise = noise_in.contiguous(), t = t_in.contiguous();
   const auto a = a_in.contiguous(), b = b_in.to(a_in.scalar_type()).contiguous();
   check_t_range_cpu(op, "t", t, 0, T);
@@ -102,12 +98,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in,
                                                        const at::Tensor& b_in, int64_t seed,
                                                        int64_t offset) {
   const char* op = "jdm_fast::q_sample_philox";
-  check_x(op, "x0", x0_in);
-  check_t(op, "t", t_in, x0_in);
+  const int64_t T = check_q_sample_args(op, x0_in, t_in, a_in, b_in);
   check_offset(op, offset);
-  int64_t T = -1;
-  check_table(op, "sqrt_alphas_cumprod", a_in, x0_in, &T);
-  check_table(op, "sqrt_one_minus_alphas_cumprod", b_in, x0_in, &T);
   const auto x0 = x0_in.contiguous(), t = t_in.contiguous();
   const auto a = a_in.contiguous(), b = b_in.to(a_in.scalar_type()).contiguous();
   check_t_range_cpu(op, "t", t, 0, T);
@@ -146,14 +138,6 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in,
 }
 
 // ------------------------------------------------------------------------------------ eps_mse
-void check_mse_args(const char* op, const at::Tensor& eps_hat, const at::Tensor& noise) {
-  check_x(op, "eps_hat", eps_hat);
-  check_like(op, "noise", noise, "eps_hat", eps_hat, /*same_dtype=*/false);
-  TORCH_CHECK_TYPE(noise.scalar_type() == eps_hat.scalar_type() || noise.scalar_type() == at::kFloat,
-                   op, ": noise must have eps_hat's dtype (", eps_hat.scalar_type(),
-                   ") or float32, got ", noise.scalar_type());
-}
-
 template <typename F>
 inline void dispatch_mse(const at::Tensor& eps_hat, const at::Tensor& noise, F f) {
   JDM_DISPATCH_FLOAT(eps_hat.scalar_type(), "eps_mse_cpu", [&] {
@@ -230,22 +214,10 @@ at::Tensor eps_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& eps_in
 }
 
 // ----------------------------------------------------------------------------- sampler steps
-enum class NoiseMode { kNone, kTensor, kPhilox };
+using cuda::NoiseMode;  // the enum shared with the CUDA launch interface (plain C++)
 
 // Clamp to [-1, 1] that lets NaN through (as torch.clamp), so a diverging sampler stays visible.
 inline float clamp1(float v) { return v < -1.f ? -1.f : (v > 1.f ? 1.f : v); }
-
-NoiseMode check_step_noise(const char* op, const c10::optional<at::Tensor>& noise,
-                           const c10::optional<int64_t>& seed, int64_t offset,
-                           const at::Tensor& x_t) {
-  check_offset(op, offset);
-  if (noise.has_value()) {
-    TORCH_CHECK_VALUE(!seed.has_value(), op, ": pass either noise or seed, not both");
-    check_like(op, "noise", *noise, "x_t", x_t);
-    return NoiseMode::kTensor;
-  }
-  return seed.has_value() ? NoiseMode::kPhilox : NoiseMode::kNone;
-}
 
 // Runs seg(e, j0, j1, z) over the per-example segments of the flat range, z pointing at the
 // segment's noise as float32 (Philox scratch or a converted copy of the noise tensor) or
@@ -257,12 +229,12 @@ void step_loop(int64_t n, int64_t per, NoiseMode mode, const scalar_t* zt, uint6
     float buf[kChunk];
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t c1 = std::min(end, c0 + kChunk);
-      if (mode == NoiseMode::kPhilox) {
+      if (mode == cuda::kNoisePhilox) {
         fill_philox(seed, offset + static_cast<uint64_t>(c0), c1 - c0, buf);
-      } else if (mode == NoiseMode::kTensor) {
+      } else if (mode == cuda::kNoiseTensor) {
         for (int64_t j = c0; j < c1; ++j) buf[j - c0] = static_cast<float>(zt[j]);
       }
-      const float* z = mode == NoiseMode::kNone ? nullptr : buf;
+      const float* z = mode == cuda::kNoNoise ? nullptr : buf;
       for_segments(c0, c1, per, [&](int64_t e, int64_t j0, int64_t j1) {
         seg(e, j0, j1, z == nullptr ? nullptr : z + (j0 - c0));
       });
@@ -277,20 +249,13 @@ at::Tensor ancestral_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in,
                               bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
                               c10::optional<int64_t> seed, int64_t offset) {
   const char* op = "jdm_fast::ancestral_step";
-  check_x(op, "x_t", x_in);
-  check_like(op, "eps_hat", eps_in, "x_t", x_in);
-  check_t(op, "t", t_in, x_in);
+  const int64_t T = check_ancestral_args(op, x_in, eps_in, t_in, recip_in, recipm1_in, coef1_in,
+                                         coef2_in, logvar_in);
   const NoiseMode mode = check_step_noise(op, noise_in, seed, offset, x_in);
-  int64_t T = -1;
-  check_table(op, "sqrt_recip_alphas_cumprod", recip_in, x_in, &T);
-  check_table(op, "sqrt_recipm1_alphas_cumprod", recipm1_in, x_in, &T);
-  check_table(op, "posterior_mean_coef1", coef1_in, x_in, &T);
-  check_table(op, "posterior_mean_coef2", coef2_in, x_in, &T);
-  check_table(op, "log_variance", logvar_in, x_in, &T);
   const auto t = t_in.contiguous();
   check_t_range_cpu(op, "t", t, 0, T);
   const auto x = x_in.contiguous(), eps = eps_in.contiguous();
-  const at::Tensor noise = mode == NoiseMode::kTensor ? noise_in->contiguous() : at::Tensor();
+  const at::Tensor noise = mode == cuda::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel(), per = per_example(x), B = x.size(0);
   if (n == 0) return out;
@@ -354,14 +319,8 @@ at::Tensor ddim_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in, const
                          bool clip_denoised, const c10::optional<at::Tensor>& noise_in,
                          c10::optional<int64_t> seed, int64_t offset) {
   const char* op = "jdm_fast::ddim_step";
-  check_x(op, "x_t", x_in);
-  check_like(op, "eps_hat", eps_in, "x_t", x_in);
-  check_t(op, "t", t_in, x_in);
-  check_t(op, "t_prev", tprev_in, x_in);
-  TORCH_CHECK_VALUE(eta >= 0.0 && eta <= 1.0, op, ": eta must lie in [0, 1], got ", eta);
+  const int64_t T = check_ddim_args(op, x_in, eps_in, t_in, tprev_in, abar_in, eta);
   const NoiseMode mode = check_step_noise(op, noise_in, seed, offset, x_in);
-  int64_t T = -1;
-  check_table(op, "alphas_cumprod", abar_in, x_in, &T);
   const auto t = t_in.contiguous(), tprev = tprev_in.contiguous();
   check_t_range_cpu(op, "t", t, 0, T);
   check_t_range_cpu(op, "t_prev", tprev, -1, T);
@@ -373,7 +332,7 @@ at::Tensor ddim_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in, const
                       e, "] = ", tp[e]);
   }
   const auto x = x_in.contiguous(), eps = eps_in.contiguous();
-  const at::Tensor noise = mode == NoiseMode::kTensor ? noise_in->contiguous() : at::Tensor();
+  const at::Tensor noise = mode == cuda::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel(), per = per_example(x);
   if (n == 0) return out;
