@@ -217,11 +217,15 @@ at::Tensor eps_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& eps_in
 using cuda::NoiseMode;  // the enum shared with the CUDA launch interface (plain C++)
 
 // Clamp to [-1, 1] that lets NaN through (as torch.clamp), so a diverging sampler stays visible.
-inline float clamp1(float v) { return v < -1.f ? -1.f : (v > 1.f ? 1.f : v); }
+// Written as min/max plus a select so loops using it vectorize (a ternary chain did not).
+inline float clamp1(float v) {
+  const float c = std::min(1.f, std::max(-1.f, v));
+  return v == v ? c : v;
+}
 
 // Runs seg(e, j0, j1, z) over the per-example segments of the flat range, z pointing at the
-// segment's noise as float32 (Philox scratch or a converted copy of the noise tensor) or
-// nullptr for no noise. seg's inner loop is a plain contiguous loop the compiler vectorizes.
+// segment's noise as float32 (Philox scratch, a converted copy of the noise tensor, or zeros).
+// seg's inner loop is a plain branch-free contiguous loop the compiler vectorizes.
 template <typename scalar_t, typename Seg>
 void step_loop(int64_t n, int64_t per, NoiseMode mode, const scalar_t* zt, uint64_t seed,
                uint64_t offset, Seg seg) {
@@ -233,10 +237,11 @@ void step_loop(int64_t n, int64_t per, NoiseMode mode, const scalar_t* zt, uint6
         fill_philox(seed, offset + static_cast<uint64_t>(c0), c1 - c0, buf);
       } else if (mode == cuda::kNoiseTensor) {
         for (int64_t j = c0; j < c1; ++j) buf[j - c0] = static_cast<float>(zt[j]);
+      } else {
+        std::fill(buf, buf + (c1 - c0), 0.f);
       }
-      const float* z = mode == cuda::kNoNoise ? nullptr : buf;
       for_segments(c0, c1, per, [&](int64_t e, int64_t j0, int64_t j1) {
-        seg(e, j0, j1, z == nullptr ? nullptr : z + (j0 - c0));
+        seg(e, j0, j1, buf + (j0 - c0));
       });
     }
   });
@@ -298,15 +303,13 @@ at::Tensor ancestral_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in,
         for (int64_t j = 0; j < m; ++j) {
           const float xv = static_cast<float>(xs[j]);
           const float x0 = clamp1(r * xv - rm * static_cast<float>(es[j]));
-          const float zv = z != nullptr ? z[j] : 0.f;
-          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * zv);
+          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * z[j]);
         }
       } else {
         for (int64_t j = 0; j < m; ++j) {
           const float xv = static_cast<float>(xs[j]);
           const float x0 = r * xv - rm * static_cast<float>(es[j]);
-          const float zv = z != nullptr ? z[j] : 0.f;
-          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * zv);
+          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * z[j]);
         }
       }
     });
@@ -370,15 +373,13 @@ at::Tensor ddim_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in, const
           const float xv = static_cast<float>(xs[j]);
           const float x0 = clamp1(recip * xv - recipm1 * static_cast<float>(es[j]));
           const float ev = (recip * xv - x0) / recipm1;
-          const float zv = z != nullptr ? z[j] : 0.f;
-          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * zv);
+          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * z[j]);
         }
       } else {
         for (int64_t j = 0; j < m; ++j) {
           const float xv = static_cast<float>(xs[j]), ev = static_cast<float>(es[j]);
           const float x0 = recip * xv - recipm1 * ev;
-          const float zv = z != nullptr ? z[j] : 0.f;
-          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * zv);
+          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * z[j]);
         }
       }
     });

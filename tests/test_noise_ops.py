@@ -353,9 +353,17 @@ def test_fullgraph_compile_traces_the_ops(diff):
 
 
 # ------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("direct", [False, True], ids=["wrapper", "torch.ops"])
-def test_bad_input_raises_clearly(diff, direct):
-    ops = torch.ops.jdm_fast if direct else N
+@pytest.mark.parametrize("how", ["wrapper", "torch.ops", "python-checks"])
+def test_bad_input_raises_clearly(diff, how):
+    """The C++ checks (wrapper and torch.ops) and the Python checks of the fallback/reference
+    path (backend("reference")) reject the same inputs with the same kind of message."""
+    from jdm_fast.ops import backend
+    ops = torch.ops.jdm_fast if how == "torch.ops" else N
+    with backend("reference" if how == "python-checks" else "auto"):
+        _bad_inputs(diff, ops)
+
+
+def _bad_inputs(diff, ops):
     x = data((4, 3, 4, 4), torch.float32)
     a, b = diff.sqrt_alphas_cumprod, diff.sqrt_one_minus_alphas_cumprod
     t = torch.tensor([0, 1, 2, 3])

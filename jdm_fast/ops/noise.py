@@ -358,9 +358,18 @@ def _use_reference() -> bool:
     return current_backend() == "reference"
 
 
+def _compiled() -> bool:
+    """The compiled op runs and validates its arguments itself (same checks and messages as
+    the _check_* functions here), so the wrapper skips its own Python checks: they cost more
+    than the op on small tensors."""
+    return HAS_C and current_backend() != "reference"
+
+
 def q_sample(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
              noise: Tensor) -> Tensor:
     """``x_t = sqrt_alphas_cumprod[t] * x0 + sqrt_one_minus_alphas_cumprod[t] * noise``."""
+    if _compiled():
+        return torch.ops.jdm_fast.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
     op = "q_sample"
     _check_x(op, "x0", x0)
     _check_like(op, "noise", noise, "x0", x0)
@@ -374,6 +383,9 @@ def q_sample(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_
 def q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
                     seed: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """``(x_t, noise)`` with ``noise.flatten()[i] = stream(seed)[offset + i]`` (jdm_fast.ops.philox)."""
+    if _compiled():
+        return torch.ops.jdm_fast.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                                  _seed64(seed), int(offset))
     op = "q_sample_philox"
     _check_x(op, "x0", x0)
     T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
@@ -387,6 +399,8 @@ def q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one
 
 def eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
     """``mean((eps_hat - noise)^2)`` as a float32 scalar; noise in eps_hat's dtype or float32."""
+    if _compiled():
+        return torch.ops.jdm_fast.eps_mse(eps_hat, noise)
     op = "eps_mse"
     _check_x(op, "eps_hat", eps_hat)
     _check_like(op, "noise", noise, "eps_hat", eps_hat, same_dtype=False)
@@ -409,6 +423,12 @@ def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cu
                    noise: Tensor | None = None, seed: int | None = None, offset: int = 0) -> Tensor:
     """One fused DDPM ancestral step (see the module docstring)."""
     op = "ancestral_step"
+    _no_grad_inputs(op, x_t, eps_hat, noise)
+    seed = None if seed is None else _seed64(seed)
+    if _compiled():
+        return torch.ops.jdm_fast.ancestral_step(
+            x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
+            posterior_mean_coef2, log_variance, bool(clip_denoised), noise, seed, int(offset))
     _check_x(op, "x_t", x_t)
     _check_like(op, "eps_hat", eps_hat, "x_t", x_t)
     T = _check_tables(op, x_t, sqrt_recip_alphas_cumprod=sqrt_recip_alphas_cumprod,
@@ -417,11 +437,9 @@ def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cu
                       log_variance=log_variance)
     _check_t(op, "t", t, x_t, 0, T)
     _check_step_noise(op, noise, seed, int(offset), x_t)
-    _no_grad_inputs(op, x_t, eps_hat, noise)
     f = reference.ancestral_step if _use_reference() else torch.ops.jdm_fast.ancestral_step
     return f(x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
-             posterior_mean_coef2, log_variance, bool(clip_denoised), noise,
-             None if seed is None else _seed64(seed), int(offset))
+             posterior_mean_coef2, log_variance, bool(clip_denoised), noise, seed, int(offset))
 
 
 def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
@@ -429,6 +447,11 @@ def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cu
               seed: int | None = None, offset: int = 0) -> Tensor:
     """One fused DDIM step from index t to t_prev in [-1, t) (see the module docstring)."""
     op = "ddim_step"
+    _no_grad_inputs(op, x_t, eps_hat, noise)
+    seed = None if seed is None else _seed64(seed)
+    if _compiled():
+        return torch.ops.jdm_fast.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised),
+                                            noise, seed, int(offset))
     _check_x(op, "x_t", x_t)
     _check_like(op, "eps_hat", eps_hat, "x_t", x_t)
     T = _check_tables(op, x_t, alphas_cumprod=alphas_cumprod)
@@ -439,7 +462,5 @@ def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cu
     if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool((t_prev >= t).any()):
         raise ValueError(f"{op}: t_prev must be smaller than t for every example")
     _check_step_noise(op, noise, seed, int(offset), x_t)
-    _no_grad_inputs(op, x_t, eps_hat, noise)
     f = reference.ddim_step if _use_reference() else torch.ops.jdm_fast.ddim_step
-    return f(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised), noise,
-             None if seed is None else _seed64(seed), int(offset))
+    return f(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised), noise, seed, int(offset))
