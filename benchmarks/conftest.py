@@ -3,6 +3,20 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-compile", action="store_true", default=False,
+                     help="also measure the torch.compile training-step variants on CPU (minutes of compilation)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():

@@ -74,6 +74,7 @@ def _peak_bandwidth_gbs(device) -> float | None:
     return None
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

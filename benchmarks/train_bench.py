@@ -1,0 +1,167 @@
+"""Joint-training step harness shared by test_train_step.py (pytest-benchmark) and
+train_throughput.py (the 200-step measurement of benchmarks/gpu_check).
+
+One step = forward joint loss + backward + AdamW step, on a fixed synthetic batch already on the
+device (no loader cost), timesteps and noise drawn inside the model as in training. Variants:
+
+- ``baseline_fp32``: benchmarks/baseline.py (stock torch modules + SDPA), fp32, eager
+- ``baseline_amp``: + autocast (bf16 where the device has it; what ``--amp`` chooses)
+- ``baseline_amp_compile``: + torch.compile of the model, as the training loop compiles it
+- ``engine``: ``jdm_fast.models.JointDiffusion`` (fused ops), autocast, torch.compile
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from baseline import BaselineJoint
+from jdm_fast.diffusion import GaussianDiffusion, make_betas
+from jdm_fast.models import JointDiffusion
+from jdm_fast.training.config import get_preset
+from jdm_fast.training.precision import Precision, autocast, choose_precision
+
+VARIANTS = ("baseline_fp32", "baseline_amp", "baseline_amp_compile", "engine")
+BASELINE = "baseline_fp32"
+GOAL_BASELINE = "baseline_amp_compile"  # what the issue's 1.3x goal compares the engine with
+
+# Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor cores, fp32 without tensor cores).
+# Substrings of torch.cuda.get_device_name(), most specific first.
+PEAK_TFLOPS = (
+    ("H200", (989.0, 67.0)),
+    ("H100 PCIe", (756.0, 51.0)),
+    ("H100", (989.0, 67.0)),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", (312.0, 19.5)),
+    ("L40S", (362.0, 91.6)),
+    ("A10G", (70.0, 31.2)),
+)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
+def peak_tflops(name: str, precision: Precision) -> float | None:
+    """The device's dense peak for the step's dominant dtype; None for CPUs and unknown devices."""
+    for key, (low, fp32) in PEAK_TFLOPS:
+        if key in name:
+            return fp32 if precision.dtype is None else low
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(variant: str, preset: str, device: torch.device, seed: int = 0):
+    """(model, precision, compile?) for a variant of a preset's model; both models from one seed."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
+    cfg = get_preset(preset)
+    diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.num_timesteps)).to(device)
+    torch.manual_seed(seed)
+    if variant == "engine":
+        model = JointDiffusion(cfg.model, diffusion)
+    else:
+        model = BaselineJoint(cfg.model, diffusion.alphas_cumprod)
+    amp = variant != "baseline_fp32"
+    return model.to(device).train(), choose_precision(amp, device), variant in ("baseline_amp_compile", "engine")
+
+
+def synthetic_batch(preset: str, batch: int, device: torch.device, seed: int = 0):
+    """Dataset-shaped images in [-1, 1] and labels, on the device."""
+    cfg = get_preset(preset).model
+    g = torch.Generator().manual_seed(seed)
+    u = cfg.unet
+    x = torch.rand(batch, u.in_channels, u.image_size, u.image_size, generator=g) * 2 - 1
+    y = torch.randint(0, cfg.head.num_classes, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def make_step(model: torch.nn.Module, precision: Precision, compile: bool, device: torch.device):
+    """A callable ``step(x, y) -> detached total loss`` (one optimizer step, as in the training loop)."""
+    forward = torch.compile(model) if compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            total = forward(x, y)[0]  # JointLoss.total / the baseline's total
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return total.detach()
+    return step
+
+
+def flops_per_image(preset: str, device: torch.device, batch: int = 2) -> float:
+    """Model FLOPs of forward + backward of the joint loss per image (torch.utils.flop_counter),
+    counted on the fp32 baseline (same architecture as the engine; our custom ops are not
+    counted by FlopCounterMode). SDPA runs its math backend here so its matmuls are counted."""
+    model, _, _ = build(BASELINE, preset, device)
+    x, y = synthetic_batch(preset, batch, device)
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(x, y)[0].backward()
+    return counter.get_total_flops() / batch
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None  # no per-variant peak on CPUs (process RSS only ever grows)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(step, x, y, steps: int, warmup: int, device: torch.device) -> dict:
+    """Time ``steps`` steps after ``warmup`` (compilation included there): CUDA events on a GPU,
+    perf_counter elsewhere; peak memory of the timed steps."""
+    for _ in range(warmup):
+        loss = step(x, y)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            loss = step(x, y)
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step(x, y)
+        seconds = time.perf_counter() - t0
+    return {"images/s": steps * x.shape[0] / seconds, "ms/step": 1e3 * seconds / steps,
+            "peak_mem_mb": peak_memory_mb(device), "loss": float(loss)}
+
+
+def achieved(flops_image: float | None, images_per_s: float, name: str, precision: Precision) -> dict:
+    if not flops_image:
+        return {"TFLOP/s": None, "fraction_of_peak": None, "peak_TFLOP/s": None}
+    tflops = flops_image * images_per_s / 1e12
+    peak = peak_tflops(name, precision)
+    return {"TFLOP/s": tflops, "fraction_of_peak": tflops / peak if peak else None, "peak_TFLOP/s": peak}
