@@ -1,12 +1,15 @@
 """Train a joint diffusion model: ``python -m jdm_fast.train [--preset digits] [--amp] ...``.
 
 Validates the options, resolves them against the preset into a frozen ``TrainConfig``, prints it,
-writes it to ``<out>/config.json`` and runs the loop.
+writes it to ``<out>/config.json`` and runs the loop. Under ``torchrun --nproc_per_node=N -m
+jdm_fast.train ...`` it trains data-parallel (``--batch-size`` stays the global batch); only rank 0
+prints, logs, samples and writes files.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from jdm_fast.data.loaders import BACKENDS
@@ -17,7 +20,7 @@ from jdm_fast.training.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_p
 _OVERRIDES = ("data_dir", "out", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
               "ema_decay", "amp", "compile", "augment", "labelled_fraction", "loader", "optimizer",
               "eval_every", "save_every", "log_every", "sampler", "sample_steps", "num_samples", "seed", "device",
-              "resume", "num_timesteps", "schedule", "dataset")
+              "resume", "num_timesteps", "schedule", "dataset", "max_nonfinite")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,7 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="images per sample grid")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt (or checkpoint.prev.pt when that one is damaged)")
+    p.add_argument("--max-nonfinite", type=int,
+                   help="stop after this many consecutive steps with a non-finite loss (each is skipped; default 5)")
     return p
 
 
@@ -86,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
     except ValueError as e:
         p.error(str(e))
-    print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
+    main_process = os.environ.get("RANK", "0") == "0"
+    if main_process:
+        print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
+    from jdm_fast.training.checkpoint import CheckpointError
     from jdm_fast.training.loop import NonFiniteLossError, train  # heavy imports after option validation
 
     try:
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: name it, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -87,19 +87,70 @@ def test_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_pat
         train(tiny_config(out, steps=4, resume=True, seed=4, batch_size=8), log=lambda *_: None)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def _poison(monkeypatch, bad_steps):
+    """Make the loss NaN at the given (0-based) steps of the trainer."""
     original = JointDiffusion.forward
 
-    def poisoned(self, x0, y, t=None, noise=None):
-        losses = original(self, x0, y, t, noise)
+    def poisoned(self, x0, y, t=None, noise=None, key=None):
+        losses = original(self, x0, y, t, noise, key)
+        if key is None or key.step not in bad_steps:
+            return losses
         bad = losses.diffusion * float("nan")
-        return losses._replace(total=bad, diffusion=bad)
+        return losses._replace(total=losses.total + bad, diffusion=bad)
 
     monkeypatch.setattr(JointDiffusion, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
-        train(tiny_config(out), log=lambda *_: None)
-    assert not (out / "checkpoint.pt").exists()  # nothing NaN was ever saved
+
+
+def test_a_non_finite_step_is_reported_and_skipped(tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    train(tiny_config(ref, steps=2, eval_every=10), log=lambda *_: None)
+    _poison(monkeypatch, {1})  # the 2nd step
+    out = tmp_path / "run"
+    messages = []
+    train(tiny_config(out, steps=2, eval_every=10), log=messages.append)
+    assert any("non-finite loss at step(s) 2: skipped" in m for m in messages), messages
+    a, b = load_checkpoint(ref / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
+    assert b["step"] == 2
+    for key, w in b["model"].items():
+        assert torch.isfinite(w.float()).all(), key
+    # step 2 was skipped: the weights differ from the clean run's
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"] if a["model"][k].is_floating_point())
+    line = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][0]
+    assert line["nonfinite_steps"] == 1 and np.isfinite(line["loss"])
+
+
+def test_fp16_steps_with_non_finite_loss_are_skipped_by_the_grad_scaler(tmp_path, monkeypatch):
+    from jdm_fast.training import loop
+
+    monkeypatch.setattr(loop, "choose_precision", lambda amp, device: prec.Precision(
+        torch.float16, True, "fp16 autocast + GradScaler (test)"))
+    monkeypatch.setattr(loop, "_probe_cpu_amp", lambda model, x, y, precision, log: precision)
+    _poison(monkeypatch, {0})
+    out = tmp_path / "run"
+    messages = []
+    train(tiny_config(out, steps=2, eval_every=10, amp=True), log=messages.append)
+    assert any("non-finite loss at step(s) 1: the fp16 GradScaler skipped them" in m for m in messages), messages
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["scaler"]["scale"] < 2.0**16  # the scaler backed off after the skipped step
+    assert all(torch.isfinite(w.float()).all() for w in state["model"].values())
+
+
+def test_a_run_that_keeps_producing_non_finite_losses_stops(tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(100)))
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in the last 4 consecutive steps \(up to step 4"):
+        train(tiny_config(out, max_nonfinite=4, log_every=2, save_every=3), log=lambda *_: None)
+    state = load_checkpoint(out / "checkpoint.pt")  # saved at step 3, before the stop: every step skipped
+    assert state["step"] == 3 and all(torch.isfinite(w.float()).all() for w in state["model"].values())
+
+
+def test_cli_reports_a_non_finite_run(tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, set(range(100)))
+    rc = cli.main(["--preset", "tiny", "--device", "cpu", "--steps", "4", "--log-every", "1", "--max-nonfinite", "2",
+                   "--out", str(tmp_path / "run")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss in the last 2 consecutive steps (up to step 2" in err and "--max-nonfinite 2" in err
 
 
 def test_checkpoint_write_is_atomic_and_corruption_is_named(tmp_path):

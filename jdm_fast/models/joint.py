@@ -7,12 +7,19 @@ The classifier sees the clean image at t = 0 through a second encoder pass (defa
 the diffusion pass (``"xt"``, no extra pass). Examples whose label is -1 (semi-supervised) add
 only the diffusion term. Multi-label data uses BCE-with-logits; rows with any negative entry are
 unlabelled.
+
+Given a :class:`BatchKey` (what the trainer passes), every random draw of the loss except UNet
+dropout and augmentation is a pure function of ``(seed, step, global example index)``: timesteps
+and noise come from counter-based Philox streams, head-dropout masks are drawn for the whole
+global batch and sliced, and the loss terms are scaled so that data-parallel gradient averaging
+reproduces the single-process gradient. A run then does not depend on how many processes ran it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +27,8 @@ from torch import nn
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.head import ClassifierHead
 from jdm_fast.models.unet import UNet
+from jdm_fast.ops import noise as noise_ops
+from jdm_fast.ops.philox import philox4x32_10
 
 CLASSIFIER_INPUTS = ("x0", "xt")
 
@@ -43,10 +52,53 @@ class JointConfig:
             raise ValueError(f"JointConfig: classifier_weight (lambda) must be >= 0, got {self.classifier_weight}")
 
 
+# Philox counter word 2 tags keep the counter-based streams of the loss apart from each other and
+# from the Gaussian noise stream (which uses word 2 = 0).
+_TIMESTEP_TAG = 0x54494D45  # "TIME"
+_DROPOUT_TAG = 0x44524F50  # "DROP"
+_MASK32 = 0xFFFFFFFF
+
+
+def _philox_words(seed: int, counter: np.ndarray, tag: int) -> tuple[np.ndarray, ...]:
+    seed = int(seed) & ((1 << 64) - 1)
+    counter = np.asarray(counter, dtype=np.uint64)
+    return philox4x32_10((counter & np.uint64(_MASK32), counter >> np.uint64(32), tag, 0),
+                         (seed & _MASK32, seed >> 32))
+
+
+def counter_timesteps(seed: int, first_index: int, n: int, num_timesteps: int) -> np.ndarray:
+    """Timesteps of global examples ``first_index .. first_index + n - 1`` (int64, uniform in
+    ``[0, num_timesteps)``): example ``g`` gets ``(r0 * 2^32 + r1) mod T`` of Philox4x32-10 at
+    counter ``(g, TIME)`` under key ``seed`` (bias below 2^-50 for T < 2^14), whoever draws it."""
+    if first_index < 0 or n < 0:
+        raise ValueError(f"first_index and n must be >= 0, got {first_index}, {n}")
+    r = _philox_words(seed, np.arange(first_index, first_index + n, dtype=np.uint64), _TIMESTEP_TAG)
+    return (((r[0] << np.uint64(32)) | r[1]) % np.uint64(num_timesteps)).astype(np.int64)
+
+
+def counter_seed(seed: int, step: int, tag: int) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, step, tag)`` (one Philox block)."""
+    r = _philox_words(seed, np.array([step], dtype=np.uint64), tag)
+    return int(((int(r[0][0]) << 32) | int(r[1][0])) >> 1)
+
+
+class BatchKey(NamedTuple):
+    """Where a process's batch sits in training, so that its randomness and loss scale depend only
+    on the global batch. With interleaved sharding (jdm_fast.data.loaders) the local examples are
+    the contiguous global indices ``start .. start + B_local - 1`` of step ``step``."""
+
+    seed: int
+    step: int
+    start: int  # index, within the step's global batch, of this process's first example
+    global_size: int  # examples in the global batch (all processes)
+    labelled: torch.Tensor | int  # labelled examples in the global batch (all processes)
+
+
 class JointLoss(NamedTuple):
     total: torch.Tensor  # scalar, what backward() runs on
     diffusion: torch.Tensor  # scalar eps-MSE
-    classifier: torch.Tensor  # scalar CE/BCE over labelled examples (0 when none)
+    classifier: torch.Tensor  # scalar CE/BCE over labelled examples (0 when none); with a BatchKey, scaled
+    #                           so that its mean over the processes is the global batch's mean
     correct: torch.Tensor  # number of labelled examples classified right (no host sync)
     labelled: torch.Tensor  # number of labelled examples
 
@@ -75,44 +127,120 @@ class JointDiffusion(nn.Module):
         t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.logits(self.unet.encode(x, t))
 
-    def classifier_loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Mean loss over labelled examples, and (correct, labelled) counts."""
+    def labelled_mask(self, y: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: which examples carry a label (class id >= 0; multi-label: no negative entry)."""
+        return (y >= 0).all(dim=1) if self.config.head.multi_label else y >= 0
+
+    def classifier_loss(self, logits: torch.Tensor, y: torch.Tensor, labelled_total: torch.Tensor | int | None = None,
+                        scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+        """``scale * sum(loss of labelled examples) / labelled_total`` (default: their number, i.e.
+        the mean; 0 when there are none), and (correct, labelled) counts."""
         logits = logits.float()
         if self.config.head.multi_label:
             if y.shape != logits.shape:
                 raise ValueError(f"multi-label targets must have shape {tuple(logits.shape)}, got {tuple(y.shape)}")
-            mask = (y >= 0).all(dim=1)
             per = F.binary_cross_entropy_with_logits(logits, y.clamp_min(0).float(), reduction="none").mean(dim=1)
-            correct = (((logits > 0) == (y > 0.5)).all(dim=1) & mask).sum()
+            hit = ((logits > 0) == (y > 0.5)).all(dim=1)
         else:
             if y.shape != logits.shape[:1]:
                 raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(y.shape)}")
-            mask = y >= 0
             per = F.cross_entropy(logits, y.clamp_min(0), reduction="none")
-            correct = ((logits.argmax(dim=1) == y) & mask).sum()
+            hit = logits.argmax(dim=1) == y
+        mask = self.labelled_mask(y)
+        correct = (hit & mask).sum()
         labelled = mask.sum()
-        loss = (per * mask).sum() / labelled.clamp_min(1)
-        return loss, correct, labelled
+        total = labelled if labelled_total is None else labelled_total
+        total = total.clamp_min(1) if isinstance(total, torch.Tensor) else max(1, int(total))
+        loss = (per * mask).sum() / total
+        return (loss * scale if scale != 1.0 else loss), correct, labelled
+
+    def _head_dropout_masks(self, key: BatchKey, b: int, device: torch.device) -> list[torch.Tensor | None]:
+        """Inverted-dropout masks of the head's Dropout layers for this process's rows, drawn for
+        the whole global batch from a generator seeded by (seed, step) and sliced, so each global
+        example gets the same mask whichever process holds it (a resumed run redraws them too)."""
+        generator = None
+        masks: list[torch.Tensor | None] = []
+        width = self.head.in_features
+        for layer in self.head.net:
+            if isinstance(layer, nn.Linear):
+                width = layer.out_features
+            if not isinstance(layer, nn.Dropout):
+                continue
+            if layer.p == 0:
+                masks.append(None)
+                continue
+            if generator is None:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(counter_seed(key.seed, key.step, _DROPOUT_TAG))
+            keep = torch.rand(key.global_size, width, generator=generator, device=device)
+            keep = keep[key.start:key.start + b] >= layer.p
+            masks.append(keep.float() / (1.0 - layer.p))
+        return masks
+
+    def _keyed_logits(self, enc, key: BatchKey) -> torch.Tensor:
+        """``logits(enc)`` in training mode with the head's dropout masks from :meth:`_head_dropout_masks`."""
+        h = self.unet.features(enc).float()
+        if h.dim() != 2 or h.shape[1] != self.head.in_features:
+            raise ValueError(f"ClassifierHead: expected (B, {self.head.in_features}) features, got {tuple(h.shape)}")
+        masks = iter(self._head_dropout_masks(key, h.shape[0], h.device))
+        for layer in self.head.net:
+            if isinstance(layer, nn.Dropout):
+                mask = next(masks)
+                h = h if mask is None else h * mask
+            else:
+                h = layer(h)
+        return h
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> JointLoss:
-        """Joint loss of a batch: x0 in [-1, 1] (B, C, H, W), y class ids (B,) or multi-hot (B, K); -1 = unlabelled."""
+                noise: torch.Tensor | None = None, key: BatchKey | None = None) -> JointLoss:
+        """Joint loss of a batch: x0 in [-1, 1] (B, C, H, W), y class ids (B,) or multi-hot (B, K); -1 = unlabelled.
+
+        Without ``key``, ``t`` and ``noise`` are drawn from the global RNG unless given, and the
+        classifier term is the mean over the batch's labelled examples. With ``key`` (the trainer),
+        local example i is global example ``g = key.step * key.global_size + key.start + i``: its
+        timestep is ``counter_timesteps(seed, g)``, its noise elements ``g * C*H*W ...`` of the
+        Philox stream of ``seed``, and the classifier term is
+        ``(global_size / B) * sum(local losses) / key.labelled`` (the diffusion term stays the local
+        mean): averaged over equal shards, as DDP averages gradients, both give the global means.
+        """
         if y.shape[0] != x0.shape[0]:
             raise ValueError(f"x0 and y batch sizes differ: {x0.shape[0]} vs {y.shape[0]}")
         b = x0.shape[0]
-        if t is None:
-            t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        x_t = self.diffusion.q_sample(x0, t, noise)
+        labelled_total, scale = None, 1.0
+        if key is not None:
+            if t is not None or noise is not None:
+                raise ValueError("pass either key or explicit t/noise, not both")
+            if not (0 <= key.start and key.start + b <= key.global_size):
+                raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
+                                 f"batch of {key.global_size}")
+            first = key.step * key.global_size + key.start
+            t = self._counter_timesteps(key.seed, first, b, x0.device)
+            x_t, noise = self.diffusion.q_sample_philox(x0, t, key.seed, first * x0[0].numel())
+            labelled_total, scale = key.labelled, key.global_size / b
+        else:
+            if t is None:
+                t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=x0.device)
+            if noise is None:
+                noise = torch.randn_like(x0)
+            x_t = self.diffusion.q_sample(x0, t, noise)
         enc = self.unet.encode(x_t, t)
         eps_hat = self.unet.decode(*enc)
-        diffusion_loss = F.mse_loss(eps_hat.float(), noise.float())
+        if noise_ops.fusable(eps_hat) and noise.dtype in (eps_hat.dtype, torch.float32):
+            diffusion_loss = noise_ops.eps_mse(eps_hat, noise)  # fused, float32 accumulation
+        else:
+            diffusion_loss = F.mse_loss(eps_hat.float(), noise.float())
+        keyed = key is not None and self.training
         if self.config.classifier_input == "xt":
-            logits = self.logits(enc)
+            cls_enc = enc
         else:
             x_cls = self.augment(x0) if (self.augment is not None and self.training) else x0
-            logits = self.classify(x_cls)
-        cls_loss, correct, labelled = self.classifier_loss(logits, y)
+            cls_enc = self.unet.encode(x_cls, torch.zeros(b, dtype=torch.long, device=x0.device))
+        logits = self._keyed_logits(cls_enc, key) if keyed else self.logits(cls_enc)
+        cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
         total = diffusion_loss + self.config.classifier_weight * cls_loss
         return JointLoss(total, diffusion_loss, cls_loss, correct, labelled)
+
+    @torch.compiler.disable  # host-side NumPy Philox: a graph break under torch.compile
+    def _counter_timesteps(self, seed: int, first: int, n: int, device: torch.device) -> torch.Tensor:
+        t = torch.from_numpy(counter_timesteps(seed, first, n, self.diffusion.num_timesteps))
+        return t.to(device, non_blocking=True)

@@ -1,64 +1,187 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, fsync'd, then renamed over
-the old one, so a crash never leaves a half-written latest checkpoint."""
+"""Crash-safe checkpoints.
+
+A checkpoint is written to a temporary file in the run folder, fsync'd and verified, then
+rotated in by renames: the current ``checkpoint.pt`` becomes ``checkpoint.prev.pt`` (through a hard
+link, so ``checkpoint.pt`` never disappears) and the new file is renamed over ``checkpoint.pt``.
+At every instant the disk holds a complete latest checkpoint and, after the second save, the
+previous one; never only a half-written one.
+
+Loading verifies the file before unpickling it: ``torch.save`` writes a zip archive with a CRC-32
+per record, which ``torch.load`` does not check (a flipped byte in a tensor loads silently), so
+:func:`verify_checkpoint` checks every record with :mod:`zipfile`. :func:`load_latest` falls back
+to ``checkpoint.prev.pt`` when ``checkpoint.pt`` is missing, truncated or corrupt, and says so,
+naming the file.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it to ``path``."""
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be used (truncated, corrupt, or not ours)."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem lets a folder be fsync'd
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_name(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files a killed process left behind (``.<name>.*.tmp``); returns them."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    return stale
+
+
+def atomic_write(path: Path, write, verify=None) -> None:
+    """Call ``write(file_object)`` on a temp file next to ``path``, fsync it, run ``verify(temp_path)``
+    if given, then rename it to ``path``. On any error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_name(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+def _torch_save(state: dict, f) -> None:
+    if torch.serialization.get_crc32_options():
+        torch.save(state, f)
+        return
+    torch.serialization.set_crc32_options(True)  # verification needs the per-record CRCs
+    try:
+        torch.save(state, f)
+    finally:
+        torch.serialization.set_crc32_options(False)
+
+
+def save_checkpoint(path: Path, state: dict, keep_previous: bool = True) -> None:
+    """Write ``state`` atomically to ``path``; with ``keep_previous`` the checkpoint it replaces
+    becomes ``<folder>/checkpoint.prev.pt`` first."""
+    path = Path(path)
+    previous = path.with_name(PREVIOUS_NAME)
+    fd, tmp = _temp_name(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _torch_save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        verify_checkpoint(Path(tmp))  # from the page cache: cheap, and catches a bad write (disk full)
+        if keep_previous and path.exists():
+            link = previous.with_name(f".{previous.name}.link.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()  # left by a process killed right here
+            try:  # link + rename: `path` stays in place while `previous` becomes a second name for it
+                os.link(path, link)
+                os.replace(link, previous)
+            except OSError:  # no hard links on this filesystem: a plain rename (`previous` is complete)
+                with contextlib.suppress(OSError):
+                    link.unlink()
+                os.replace(path, previous)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` unless every record of the archive is intact."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # reads every record and checks its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: record {bad!r} fails its CRC-32 check")
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint; a missing, truncated or corrupt file raises an error naming it."""
+    """Load a checkpoint; a missing file raises FileNotFoundError, a truncated or corrupt one
+    :class:`CheckpointError` (a RuntimeError) naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    verify_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated/corrupt archives
-        raise RuntimeError(f"checkpoint {path} is truncated or corrupt: {e}") from e
+    except Exception as e:  # torch raises several types for corrupt archives
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from e
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise RuntimeError(f"checkpoint {path} does not hold a jdm_fast training state")
+        raise CheckpointError(f"checkpoint {path} does not hold a jdm_fast training state")
     return state
 
 
-def rng_state() -> dict:
-    """Every random state the training loop uses."""
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoints of a run folder that exist, newest first."""
+    return [p for p in (Path(folder) / CHECKPOINT_NAME, Path(folder) / PREVIOUS_NAME) if p.is_file()]
+
+
+def load_latest(folder: Path, log=print) -> tuple[dict, Path]:
+    """The newest usable checkpoint of ``folder`` and its path: ``checkpoint.pt``, or, when that is
+    missing, truncated or corrupt, ``checkpoint.prev.pt`` (with a message naming the bad file)."""
+    files = checkpoint_files(folder)
+    if not files:
+        raise FileNotFoundError(f"no checkpoint in {folder} (expected {Path(folder) / CHECKPOINT_NAME})")
+    errors = []
+    for i, path in enumerate(files):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            if i + 1 < len(files):
+                log(f"warning: {e}; falling back to the previous checkpoint {files[i + 1]}")
+            continue
+        return state, path
+    raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every global random state the training loop uses (CUDA: the training device's only)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+            cuda = cuda[device.index or 0] if len(cuda) > (device.index or 0) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)

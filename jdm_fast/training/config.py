@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    max_nonfinite: int = 5  # consecutive steps with a non-finite loss (each one skipped) before the run stops
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -64,6 +65,7 @@ class TrainConfig:
             (self.sampler in SAMPLERS, f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}"),
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
             (self.num_timesteps >= 1, f"num_timesteps must be >= 1, got {self.num_timesteps}"),
+            (self.max_nonfinite >= 1, f"--max-nonfinite must be >= 1, got {self.max_nonfinite}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -96,6 +98,17 @@ PRESETS: dict[str, TrainConfig] = {
         num_timesteps=500, schedule="jdm_linear", steps=600, batch_size=64, lr=1e-3, warmup_steps=100,
         grad_clip=1.0, ema_decay=0.995, eval_every=300, save_every=100, log_every=25, sample_steps=100,
         num_samples=36, out="runs/digits",
+    ),
+    # A minimal model for smoke tests and CI (a few seconds per run on a CPU; it learns little).
+    "tiny": TrainConfig(
+        preset="tiny", dataset="digits",
+        model=_joint(UNetConfig(image_size=28, in_channels=1, model_channels=8, channel_mult=(1, 2),
+                                num_res_blocks=1, attention_resolutions=(), num_heads=1, dropout=0.1,
+                                num_groups=4),
+                     head_dropout=0.3, lam=1e-2),
+        num_timesteps=50, schedule="jdm_linear", steps=20, batch_size=16, lr=1e-3, warmup_steps=2,
+        grad_clip=1.0, ema_decay=0.9, eval_every=1000, save_every=10, log_every=5, sample_steps=2,
+        num_samples=4, out="runs/tiny",
     ),
     "cifar10": TrainConfig(preset="cifar10", dataset="cifar10", model=_joint(_CIFAR_UNET, 10),
                            steps=500_000, batch_size=256, out="runs/cifar10", **_PAPER),

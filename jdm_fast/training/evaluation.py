@@ -5,23 +5,33 @@ import torch
 
 from jdm_fast.data import ImageDataset
 from jdm_fast.diffusion import make_generator, sample_ancestral, sample_ddim
+from jdm_fast.models.joint import JointDiffusion
+from jdm_fast.training.distributed import Dist
 
 SAMPLERS = ("ancestral", "ddim")
-from jdm_fast.models.joint import JointDiffusion
 
 
 @torch.no_grad()
-def test_accuracy(model: JointDiffusion, dataset: ImageDataset, device: torch.device, batch_size: int = 500) -> float:
-    """Head accuracy at t = 0, eval mode, no augmentation (PAPER.md's protocol), in fp32."""
+def test_accuracy(model: JointDiffusion, dataset: ImageDataset, device: torch.device, batch_size: int = 500,
+                  dist: Dist | None = None) -> float:
+    """Head accuracy at t = 0, eval mode, no augmentation (PAPER.md's protocol), in fp32.
+
+    With ``dist`` (several processes), each process classifies its contiguous slice of the test
+    set and the correct counts are summed over processes: every process returns the same value."""
     was_training = model.training
     model.eval()
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    lo, hi = len(dataset) * rank // world, len(dataset) * (rank + 1) // world
     correct = torch.zeros((), dtype=torch.long, device=device)
     images = torch.from_numpy(dataset.images)  # (N, H, W, C) uint8
     labels = torch.from_numpy(dataset.labels)
-    for i in range(0, len(dataset), batch_size):
-        x = images[i:i + batch_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        y = labels[i:i + batch_size].to(device)
+    for i in range(lo, hi, batch_size):
+        j = min(i + batch_size, hi)
+        x = images[i:j].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        y = labels[i:j].to(device)
         correct += (model.classify(x).argmax(dim=1) == y).sum()
+    if dist is not None:
+        dist.all_reduce_(correct)
     model.train(was_training)
     return correct.item() / len(dataset)
 

@@ -1,6 +1,21 @@
-"""The training loop: joint model, AdamW, EMA, AMP, optional torch.compile, atomic checkpoints,
-metrics.jsonl, periodic evaluation and sample grids. The loop only knows ``JointDiffusion``'s
-loss interface, never the diffusion formulation."""
+"""The training loop: joint model, AdamW, EMA, AMP, optional torch.compile, data parallelism
+(torchrun + DistributedDataParallel), crash-safe checkpoints with exact resume, metrics.jsonl,
+periodic evaluation and sample grids. The loop only knows ``JointDiffusion``'s loss interface,
+never the diffusion formulation.
+
+Determinism contract. Step ``s`` trains on the global batch ``s`` of the data order (interleaved
+shards, jdm_fast.data.loaders) with timesteps, noise and head-dropout masks that are functions of
+``(seed, s, global example index)`` (``BatchKey``), and the loss terms are global means; so with
+augmentation and UNet dropout off a run ends with the same weights whatever the number of
+processes. Augmentation and UNet dropout draw from each process's global RNG, whose state every
+checkpoint holds (one per process), so a resumed run repeats an uninterrupted one exactly.
+
+Non-finite losses. Every step runs through a GradScaler: dynamic for fp16, a fixed scale of 1 for
+fp32/bf16 (exact: multiplying by 1), so a step whose gradients are non-finite is skipped instead of
+poisoning the weights, without a per-step host sync on CUDA. Each step's loss is flagged on the
+device; at every log tick or save the flags are read, the steps are reported, and
+``max_nonfinite`` consecutive non-finite steps stop the run with :class:`NonFiniteLossError`.
+"""
 from __future__ import annotations
 
 import copy
@@ -10,6 +25,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +35,12 @@ from tqdm import tqdm
 
 from jdm_fast.data import ImageDataset, apply_augment, default_augment, infinite_batches, load_dataset
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
-from jdm_fast.models.joint import JointDiffusion
-from jdm_fast.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from jdm_fast.models.joint import BatchKey, JointDiffusion
+from jdm_fast.training import distributed
+from jdm_fast.training.checkpoint import (CHECKPOINT_NAME, checkpoint_files, load_latest, remove_stale_temps,
+                                          rng_state, save_checkpoint, set_rng_state)
 from jdm_fast.training.config import TrainConfig
+from jdm_fast.training.distributed import Dist
 from jdm_fast.training.ema import EMA
 from jdm_fast.training.evaluation import preview_samples, test_accuracy
 from jdm_fast.training.images import save_grid
@@ -29,7 +48,7 @@ from jdm_fast.training.precision import Precision, autocast, choose_precision
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The run kept producing non-finite losses (``TrainConfig.max_nonfinite`` consecutive steps)."""
 
 
 # What a resumed run must share with the original one: the model, the diffusion, and everything
@@ -39,6 +58,7 @@ _RESUME_MUST_MATCH = ("model", "schedule", "num_timesteps", "dataset", "seed", "
 
 
 def resolve_device(name: str) -> torch.device:
+    """``--device`` of a single process (under torchrun, ``distributed.setup`` picks cuda:LOCAL_RANK)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -122,150 +142,287 @@ def _export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig) ->
     save_file(tensors, str(path), metadata={"config": cfg.to_json()})
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+class _NonFiniteGuard:
+    """Flags each step's loss on the device (no sync) and, at each check, reports the non-finite
+    steps and stops the run after ``limit`` consecutive ones."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak = limit, 0
+        self.flags: list[torch.Tensor] = []
+        self.first_step = 0  # 1-based number of the step of flags[0]
+
+    def flag(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if not self.flags:
+            self.first_step = step + 1
+        bad = ~torch.isfinite(loss.detach())
+        self.flags.append(bad)
+        return bad
+
+    def check(self, ctx: Dist, precision: Precision, ckpt_path: Path, log) -> None:
+        """Read the flags (a host sync; all processes take part) and report / stop."""
+        if not self.flags:
+            return
+        flags = ctx.all_reduce_(torch.stack(self.flags).to(torch.int32)).tolist()
+        self.flags = []
+        bad = [self.first_step + i for i, f in enumerate(flags) if f]
+        if not bad:
+            self.streak = 0
+            return
+        trailing = next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
+        self.streak = self.streak + len(flags) if trailing == len(flags) else trailing
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        why = "the fp16 GradScaler skipped them" if precision.use_scaler else "skipped (weights unchanged)"
+        log(f"warning: non-finite loss at step(s) {shown}: {why}")
+        if self.streak >= self.limit:
+            raise NonFiniteLossError(
+                f"non-finite loss in the last {self.streak} consecutive steps (up to step {bad[-1]}; first "
+                f"non-finite step of this stretch: {bad[-1] - self.streak + 1}); stopping instead of training on "
+                f"(--max-nonfinite {self.limit}). Last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop what a killed run logged after the checkpoint (and a torn last line)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("step", 0) <= step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) training; returns the final metrics."""
-    device = resolve_device(cfg.device)
+    """Run (or resume) training; returns the final metrics. Under torchrun (WORLD_SIZE > 1) every
+    process calls this; only rank 0 logs and writes files."""
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, device, log if ctx.is_main else _quiet)
+    finally:
+        ctx.close()
+
+
+def _restore(cfg: TrainConfig, ctx: Dist, device: torch.device, out: Path, log, model, ema, optimizer,
+             scheduler, scaler) -> tuple[int, Precision]:
+    state, path = load_latest(out, log)
+    saved = TrainConfig(**state["config"])
+    differ = [f for f in _RESUME_MUST_MATCH if getattr(saved, f) != getattr(cfg, f)]
+    if differ:
+        raise ValueError(f"--resume: the configuration differs from the one in {path} in {differ}; "
+                         "resume with the settings of the original run")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # older checkpoints hold the empty state of a disabled scaler
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) == ctx.world_size:
+        set_rng_state(rngs[ctx.rank], device)
+    else:
+        set_rng_state(rngs[0], device)
+        if ctx.rank:
+            torch.manual_seed(cfg.seed + ctx.rank)
+        log(f"note: {path} was written by {len(rngs)} process(es), this run has {ctx.world_size}: data, noise "
+            "and timesteps continue exactly, augmentation and UNet dropout draw fresh random streams")
+    step = int(state["step"])
+    log(f"resumed from {path} at step {step}")
+    return step, Precision(*state["precision"])
+
+
+def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
-    if cfg.resume and not ckpt_path.is_file():
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the "
+                         f"{ctx.world_size} processes")
+    local_batch = cfg.batch_size // ctx.world_size
+    existing = checkpoint_files(out)
+    if cfg.resume and not existing:
         raise FileNotFoundError(f"--resume: no checkpoint to resume in {out} (expected {ckpt_path})")
-    if not cfg.resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and existing:
+        raise FileExistsError(f"{existing[0]} exists: pass --resume to continue that run, or choose another --out")
+    ctx.barrier()  # every process has looked before rank 0 writes anything
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temps(out):
+            log(f"removed {stale}, a temporary file left by an interrupted checkpoint write")
 
     train_ds = load_dataset(cfg.dataset, "train", cfg.data_dir)
     test_ds = load_dataset(cfg.dataset, "test", cfg.data_dir)
     check_dataset(cfg, train_ds)
-    labels = keep_labels(train_ds.labels, cfg.labelled_fraction, cfg.seed)
-    train_ds = dataclasses.replace(train_ds, labels=labels)
+    # Semi-supervised: an ImageDataset only holds labels in [0, num_classes), so the examples whose
+    # label is dropped carry the extra id `unlabelled`, turned into -1 in each batch.
+    unlabelled = train_ds.num_classes
+    if cfg.labelled_fraction < 1.0:
+        labels = keep_labels(train_ds.labels, cfg.labelled_fraction, cfg.seed)
+        train_ds = dataclasses.replace(train_ds, labels=np.where(labels < 0, unlabelled, labels),
+                                       num_classes=unlabelled + 1)
     if cfg.batch_size > len(train_ds):
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(train_ds)} training images")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg, device)
+    ema = EMA(model, cfg.ema_decay)
+    precision = choose_precision(cfg.amp, device)
+    if precision.dtype is not None and device.type == "cpu" and not cfg.resume:
+        x, y = next(infinite_batches(train_ds, local_batch, seed=cfg.seed, device=device, augment=False))
+        y = y.masked_fill(y == unlabelled, -1)
+        precision = _probe_cpu_amp(model, x, y, precision, log)
+        precision = ctx.gather_objects(precision)[0]  # every process follows rank 0's measurement
+    if ctx.enabled:
+        distributed.convert_sync_batchnorm(model.head)  # head statistics over the global batch
     optimizer = make_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    ema = EMA(model, cfg.ema_decay)
-    precision = choose_precision(cfg.amp, device)
+    # fp16: the usual dynamic loss scale. fp32/bf16: scale fixed at 1 (update(1.0) below), used only
+    # to skip steps whose gradients are non-finite.
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision.use_scaler else 1.0)
     start_step = 0
     if cfg.resume:
-        state = load_checkpoint(ckpt_path)
-        saved = TrainConfig(**state["config"])
-        differ = [f for f in _RESUME_MUST_MATCH if getattr(saved, f) != getattr(cfg, f)]
-        if differ:
-            raise ValueError(f"--resume: the configuration differs from the one in {ckpt_path} in {differ}; "
-                             "resume with the settings of the original run")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-        precision = Precision(*state["precision"])
-        set_rng_state(state["rng"])
-        log(f"resumed from {ckpt_path} at step {start_step}")
+        start_step, precision = _restore(cfg, ctx, device, out, log, model, ema, optimizer, scheduler, scaler)
+    elif ctx.rank:
+        torch.manual_seed(cfg.seed + ctx.rank)  # per-process dropout/augmentation streams (CPU and CUDA)
     if start_step >= cfg.steps:
         log(f"nothing to do: the run is at step {start_step} >= --steps {cfg.steps}")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    if cfg.resume and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    (out / "config.json").write_text(cfg.to_json())
+    metrics_path = out / "metrics.jsonl"
+    if ctx.is_main:
+        (out / "config.json").write_text(cfg.to_json())
+        if cfg.resume:
+            _truncate_metrics(metrics_path, start_step)
 
-    batches = infinite_batches(train_ds, cfg.batch_size, seed=cfg.seed, start_step=start_step,
-                               backend=cfg.loader, device=device)
-    if precision.dtype is not None and device.type == "cpu" and not cfg.resume:
-        x, y = next(infinite_batches(train_ds, cfg.batch_size, seed=cfg.seed, device=device))
-        precision = _probe_cpu_amp(model, x, y, precision, log)
+    # The diffusion term trains on un-augmented images; augmentation is applied to the
+    # classifier input only, inside JointDiffusion. Shard i of n holds examples
+    # [i * B/n, (i+1) * B/n) of each global batch.
+    batches = infinite_batches(train_ds, local_batch, seed=cfg.seed, start_step=start_step,
+                               shard=(ctx.rank, ctx.world_size), backend=cfg.loader, device=device, augment=False)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     why = "asked" if cfg.compile is not None else ("default on CUDA" if use_compile else
                                                     "default off on CPU: compile time outweighs the gain; --compile to force")
-    step_model = torch.compile(model) if use_compile else model  # `model` stays the checkpointed module
+    step_model: torch.nn.Module = model  # `model` stays the checkpointed module
+    if ctx.enabled:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_compile:
+        step_model = torch.compile(step_model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"device {device} | precision {precision.name}: {precision.reason} | compile {use_compile} ({why})")
+    if ctx.enabled:
+        log(f"data parallel: {ctx.world_size} processes ({dist_backend()}), global batch {cfg.batch_size} = "
+            f"{ctx.world_size} x {local_batch}")
     log(f"model {n_params / 1e6:.2f}M parameters (head input {model.head.in_features}) | data {train_ds.name}: "
         f"{len(train_ds)} train / {len(test_ds)} test | out {out}")
 
-    metrics_path = out / "metrics.jsonl"
-
     def record(entry: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if ctx.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "config": dataclasses.asdict(cfg), "step": step, "model": model.state_dict(),
-            "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "precision": (precision.dtype, precision.use_scaler, precision.reason),
-            "rng": rng_state(), "data_position": {"seed": cfg.seed, "step": step},
-        })
+        rngs = ctx.gather_objects(rng_state(device))  # every process's RNG (a collective)
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "config": dataclasses.asdict(cfg), "step": step, "model": model.state_dict(),
+                "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "precision": (precision.dtype, precision.use_scaler, precision.reason),
+                "rng": rngs, "world_size": ctx.world_size,
+                "data_position": {"seed": cfg.seed, "step": step, "global_batch": cfg.batch_size},
+            })
 
     def evaluate(step: int, final: bool = False) -> dict:
-        acc_raw = test_accuracy(model, test_ds, device)
-        acc_ema = test_accuracy(ema.model, test_ds, device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            samples = preview_samples(ema.model, cfg.num_samples, cfg.sample_steps, cfg.seed, device, cfg.sampler)
-        grid = save_grid(samples, out / ("samples_final.png" if final else f"samples_{step:07d}.png"))
-        entry = {"kind": "eval", "step": step, "test_acc_raw": acc_raw, "test_acc_ema": acc_ema, "samples": str(grid)}
+        acc_raw = test_accuracy(model, test_ds, device, dist=ctx)
+        acc_ema = test_accuracy(ema.model, test_ds, device, dist=ctx)
+        entry = {"kind": "eval", "step": step, "test_acc_raw": acc_raw, "test_acc_ema": acc_ema}
+        if ctx.is_main:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                samples = preview_samples(ema.model, cfg.num_samples, cfg.sample_steps, cfg.seed, device, cfg.sampler)
+            grid = save_grid(samples, out / ("samples_final.png" if final else f"samples_{step:07d}.png"))
+            entry["samples"] = str(grid)
         record(entry)
         return entry
 
     model.train()
-    sums = torch.zeros(5, device=device)  # total, diffusion, classifier, correct, labelled (no per-step sync)
+    guard = _NonFiniteGuard(cfg.max_nonfinite)
+    # total, diffusion, classifier (finite steps only), finite steps, correct, labelled: no per-step sync
+    sums = torch.zeros(6, device=device)
     tick_start, tick_steps = time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout,
-               disable=None)
+               disable=None if ctx.is_main else True)
     for step in range(start_step, cfg.steps):
         x, y = next(batches)
+        if cfg.labelled_fraction < 1.0:
+            y = y.masked_fill(y == unlabelled, -1)
+        labelled = ctx.all_reduce_(model.labelled_mask(y).sum())  # the classifier loss's global denominator
+        key = BatchKey(cfg.seed, step, ctx.rank * local_batch, cfg.batch_size, labelled)
         with autocast(device, precision):
-            losses = step_model(x, y)
+            losses = step_model(x, y, key=key)
         scaler.scale(losses.total).backward()
         if cfg.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.step(optimizer)  # skipped when the gradients are non-finite
+        scaler.update(None if precision.use_scaler else 1.0)
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():  # after a skipped first step torch warns that the order is wrong
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            scheduler.step()
         ema.update(model, step)
-        sums += torch.stack([losses.total.detach(), losses.diffusion.detach(), losses.classifier.detach(),
-                             losses.correct.float(), losses.labelled.float()])
+        bad = guard.flag(step, losses.total)
+        terms = torch.stack([losses.total.detach(), losses.diffusion.detach(), losses.classifier.detach()]).float()
+        sums += torch.cat([torch.where(bad, 0.0, terms), (~bad).float()[None],
+                           torch.stack([losses.correct, losses.labelled]).float()])
         tick_steps += 1
         done = step + 1
         bar.update(1)
         tick = done % cfg.log_every == 0 or done == cfg.steps
-        if tick or done % cfg.save_every == 0:
-            # One host sync per tick or save: nothing non-finite is ever logged as fine or saved.
-            total, diff, cls, correct, labelled = (sums / tick_steps).tolist()
-            if not all(math.isfinite(v) for v in (total, diff, cls)):
-                raise NonFiniteLossError(
-                    f"non-finite loss (total={total}, diffusion={diff}, classifier={cls}) in steps "
-                    f"{done - tick_steps + 1}..{done}; last good checkpoint: {ckpt_path}")
+        save_now = done % cfg.save_every == 0 or done == cfg.steps
+        if tick or save_now:
+            guard.check(ctx, precision, ckpt_path, log)  # one host sync per tick or save
         if tick:
+            tick_sums = ctx.all_reduce_(sums.clone()).tolist()
+            finite_steps = tick_sums[3] / ctx.world_size
+            total, diff, cls = (v / ctx.world_size / finite_steps if finite_steps else math.nan for v in tick_sums[:3])
+            correct, labelled_n = tick_sums[4:]
             elapsed = time.perf_counter() - tick_start
             entry = {"kind": "train", "step": done, "loss": total, "diffusion": diff, "classifier": cls,
-                     "train_acc": correct / labelled if labelled else None,
+                     "train_acc": correct / labelled_n if labelled_n else None,
                      "img_per_s": tick_steps * cfg.batch_size / elapsed, "lr": scheduler.get_last_lr()[0],
-                     "peak_mem_mb": _peak_memory_mb(device)}
+                     "peak_mem_mb": _peak_memory_mb(device), "nonfinite_steps": tick_steps - round(finite_steps)}
             record(entry)
             bar.set_postfix(loss=f"{diff:.4f}", cls=f"{cls:.3f}",
                             acc="-" if entry["train_acc"] is None else f"{entry['train_acc']:.3f}",
                             img_s=f"{entry['img_per_s']:.0f}")
             sums.zero_()
             tick_start, tick_steps = time.perf_counter(), 0
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        if save_now:
             save(done)
         if done % cfg.eval_every == 0 and done != cfg.steps:
             eval_start = time.perf_counter()
             result = evaluate(done)
             tick_start += time.perf_counter() - eval_start  # keep evaluation out of images/s
-            bar.write(f"step {done}: test accuracy raw {result['test_acc_raw']:.2%} | "
-                      f"EMA {result['test_acc_ema']:.2%} | samples {result['samples']}")
+            if ctx.is_main:
+                bar.write(f"step {done}: test accuracy raw {result['test_acc_raw']:.2%} | "
+                          f"EMA {result['test_acc_ema']:.2%} | samples {result['samples']}")
     bar.close()
     final = evaluate(cfg.steps, final=True)
-    _export_safetensors(model, out / "model.safetensors", cfg)
-    _export_safetensors(ema.model, out / "model_ema.safetensors", cfg)
-    log(f"final (step {cfg.steps}): test accuracy raw {final['test_acc_raw']:.2%} | EMA {final['test_acc_ema']:.2%}")
-    log(f"wrote {ckpt_path}, {out / 'model.safetensors'}, {out / 'model_ema.safetensors'}, {final['samples']}, "
-        f"{metrics_path}")
+    if ctx.is_main:
+        _export_safetensors(model, out / "model.safetensors", cfg)
+        _export_safetensors(ema.model, out / "model_ema.safetensors", cfg)
+        log(f"final (step {cfg.steps}): test accuracy raw {final['test_acc_raw']:.2%} | "
+            f"EMA {final['test_acc_ema']:.2%}")
+        log(f"wrote {ckpt_path}, {out / 'model.safetensors'}, {out / 'model_ema.safetensors'}, "
+            f"{final['samples']}, {metrics_path}")
+    ctx.barrier()  # no process leaves (and tears the group down) while rank 0 still writes
     return final
+
+
+def dist_backend() -> str:
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "single process"
