@@ -1,0 +1,73 @@
+"""The reverse process with a pluggable eps: the loop shared by every sampler of this package.
+
+``eps_fn(x_t, t) -> (eps, shift)`` gets ORIGINAL timestep indices (B,) and returns the (possibly
+steered) eps prediction and an optional tensor added to the step's output (classifier guidance's
+mean shift; None otherwise). Steering needs gradients through the network, never through the
+step itself: the step runs under ``torch.no_grad()``, so ``jdm_fast.diffusion``'s step functions
+dispatch to the fused ops.
+
+Timesteps are any ascending subsequence ``seq`` of [0, T): DDIM steps between consecutive
+entries on the original alphas_cumprod; the ancestral sampler runs on the diffusion respaced to
+``seq`` (betas ``1 - abar_{seq[i]} / abar_{seq[i-1]}``), which for ``seq = range(T)`` is the
+original chain. Starting below T - 1 (counterfactuals) means starting from ``q(x_{seq[-1]} | x_0)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from jdm_fast.diffusion import GaussianDiffusion, ancestral_step, ddim_step, spaced_timesteps
+
+SAMPLERS = ("ddim", "ancestral")
+EpsFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def timestep_sequence(num_timesteps: int, steps: int | None, t_start: float = 1.0) -> list[int]:
+    """Ascending original timesteps of a reverse run that starts at fraction ``t_start`` of T.
+
+    ``steps=None`` uses every timestep up to the start (the full chain); otherwise
+    ``round(steps * t_start)`` (at least 1) evenly spaced ones, the last being the start index
+    ``round(t_start * T) - 1``."""
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must lie in (0, 1] (a fraction of T), got {t_start}")
+    top = max(1, round(t_start * num_timesteps))  # timesteps 0 .. top-1
+    if steps is None:
+        return list(range(top))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return spaced_timesteps(top, max(1, min(top, round(steps * t_start))))
+
+
+def respaced(diffusion: GaussianDiffusion, seq: list[int]) -> GaussianDiffusion:
+    """The diffusion whose step i goes from original timestep ``seq[i]`` to ``seq[i - 1]``."""
+    abar = diffusion.alphas_cumprod.cpu()[seq]
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return GaussianDiffusion((1.0 - abar / prev).clamp(min=1e-12, max=1 - 1e-12)).to(diffusion.device)
+
+
+def reverse_process(eps_fn: EpsFn, diffusion: GaussianDiffusion, x: torch.Tensor, seq: list[int], *,
+                    sampler: str = "ddim", eta: float = 0.0, generator: torch.Generator | None = None,
+                    clip_denoised: bool = True) -> torch.Tensor:
+    """Run from ``x`` (a sample at original timestep ``seq[-1]``) down to x_0."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    b, dev = x.shape[0], x.device
+    spaced = respaced(diffusion, seq) if sampler == "ancestral" else None
+    for k in reversed(range(len(seq))):
+        t = torch.full((b,), seq[k], dtype=torch.long, device=dev)
+        eps, shift = eps_fn(x, t)
+        with torch.no_grad():
+            eps = eps.detach().to(x.dtype)
+            if sampler == "ddim":
+                t_prev = torch.full_like(t, seq[k - 1] if k > 0 else -1)
+                noise = torch.randn(x.shape, generator=generator, device=dev) if eta > 0 and k > 0 else None
+                x = ddim_step(diffusion, eps, x, t, t_prev, eta, noise, clip_denoised)
+            else:
+                noise = torch.randn(x.shape, generator=generator, device=dev) if k > 0 else None
+                x = ancestral_step(spaced, eps, x, torch.full_like(t, k), noise, clip_denoised)
+            if shift is not None and k > 0:
+                x = x + shift.detach().to(x.dtype)
+    return x
+
+

@@ -1,0 +1,153 @@
+"""Public samplers: unconditional, conditional (optimized representations), classifier-guided,
+and visual counterfactuals. Every one draws all its randomness from an explicit generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jdm_fast.models.joint import JointDiffusion
+
+from .process import SAMPLERS, reverse_process, timestep_sequence
+from .process import respaced
+from .steering import HEAD_INPUTS, AuthorsTimeHead, guidance_eps, representation_eps, unconditional_eps
+
+MODES = ("uncond", "cond", "guided", "counterfactual")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to run the reverse process. ``steps=None`` = every timestep (the full chain)."""
+
+    steps: int | None = 50
+    sampler: str = "ddim"  # or "ancestral" (respaced to ``steps``)
+    eta: float = 0.0  # DDIM only
+    alpha: float = 0.02  # representation step (cond, counterfactual); a fraction of rms(z) when normalize
+    guidance_scale: float = 10.0  # guided (pixel-space gradient of log p(y | x0_hat))
+    authors: bool = False  # the authors' variant of cond: +alpha and raw t fed to the head (on x_t's features)
+    head_input: str = "x0"  # what the head reads while steering: "x0" = x0_hat(x_t) at t = 0, "xt" = x_t's features
+    normalize: bool = True  # step alpha * rms(z) * g / rms(g) per example; False = the paper's raw alpha * g
+    t_min: float = 0.0  # steer only at timesteps t >= t_min * T
+    inner_steps: int = 5  # gradient steps on the representations per reverse step
+    clip_denoised: bool = True
+    batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None for the full chain), got {self.steps}")
+        if self.alpha < 0 or self.guidance_scale < 0:
+            raise ValueError("alpha and guidance_scale must be >= 0")
+        if self.head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {self.head_input!r}")
+        if self.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"t_min must lie in [0, 1), got {self.t_min}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ... (num entries)."""
+    return torch.arange(num) % num_classes
+
+
+def check_class(c: int, num_classes: int) -> int:
+    if not 0 <= int(c) < num_classes:
+        raise ValueError(f"class {c} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    return int(c)
+
+
+def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleSettings, seq: list[int]):
+    if mode == "uncond":
+        return unconditional_eps(model)
+    if mode in ("cond", "counterfactual"):
+        head = AuthorsTimeHead(model.head).to(y.device) if s.authors else None
+        return representation_eps(model, y, s.alpha, head_input=s.head_input, authors=s.authors, authors_head=head,
+                                  normalize=s.normalize, inner_steps=s.inner_steps, t_min=s.t_min)
+    if mode == "guided":
+        variances = None
+        if s.sampler == "ancestral":
+            var = respaced(model.diffusion, seq).posterior_variance.tolist()
+            variances = {t: var[i] for i, t in enumerate(seq)}
+        return guidance_eps(model, y, s.guidance_scale, model.diffusion, s.sampler, variances, s.head_input, s.t_min)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | None, settings: SampleSettings,
+             generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``num`` samples (N, C, H, W) in [-1, 1]; ``labels`` (N,) are the target classes (cond, guided)."""
+    if mode not in ("uncond", "cond", "guided"):
+        raise ValueError(f"generate: mode must be uncond, cond or guided, got {mode!r}")
+    if mode != "uncond":
+        if labels is None or labels.shape != (num,):
+            raise ValueError(f"mode {mode!r} needs {num} target labels")
+        for c in labels.unique().tolist():
+            check_class(c, model.config.head.num_classes)
+    u = model.config.unet
+    seq = timestep_sequence(model.diffusion.num_timesteps, settings.steps)
+    out = []
+    for i in range(0, num, settings.batch_size):
+        b = min(settings.batch_size, num - i)
+        x = torch.randn((b, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
+        y = None if labels is None else labels[i:i + b].to(device)
+        out.append(reverse_process(_eps_fn(model, mode, y, settings, seq), model.diffusion, x, seq,
+                                   sampler=settings.sampler, eta=settings.eta, generator=generator,
+                                   clip_denoised=settings.clip_denoised))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def head_probabilities(model: JointDiffusion, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Softmax of the head at t = 0 (as trained, eval mode) for images in [-1, 1]: (N, K)."""
+    return torch.cat([model.classify(x[i:i + batch_size]).float().softmax(dim=1)
+                      for i in range(0, x.shape[0], batch_size)])
+
+
+@dataclass
+class Counterfactuals:
+    originals: torch.Tensor  # (N, C, H, W) in [-1, 1]
+    images: torch.Tensor  # counterfactuals, same shape
+    targets: torch.Tensor  # (N,)
+    probs_before: torch.Tensor  # (N, K) head softmax of the originals
+    probs_after: torch.Tensor  # (N, K) head softmax of the counterfactuals
+    t_start: float
+    alpha: float
+
+    @property
+    def flipped(self) -> torch.Tensor:
+        """Whether the head now predicts the target, (N,) bool."""
+        return self.probs_after.argmax(dim=1) == self.targets
+
+    @property
+    def mean_abs_change(self) -> torch.Tensor:
+        """Mean |counterfactual - original| per image in [-1, 1] units, (N,)."""
+        return (self.images - self.originals).abs().flatten(1).mean(dim=1)
+
+
+def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tensor, t_start: float,
+                    settings: SampleSettings, generator: torch.Generator) -> Counterfactuals:
+    """Noise ``x0`` to ``t_start`` (a fraction of T), then run the representation-optimized reverse
+    process towards ``targets`` from there to t = 0 (``round(steps * t_start)`` DDIM steps, or the
+    full chain below the start)."""
+    if not isinstance(t_start, (int, float)) or not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must lie in (0, 1] (a fraction of T), got {t_start}")
+    if x0.ndim != 4 or targets.shape != (x0.shape[0],):
+        raise ValueError(f"x0 must be (N, C, H, W) and targets (N,), got {tuple(x0.shape)} and {tuple(targets.shape)}")
+    for c in targets.unique().tolist():
+        check_class(c, model.config.head.num_classes)
+    seq = timestep_sequence(model.diffusion.num_timesteps, settings.steps, t_start)
+    out = []
+    for i in range(0, x0.shape[0], settings.batch_size):
+        xb, yb = x0[i:i + settings.batch_size], targets[i:i + settings.batch_size].to(x0.device)
+        t = torch.full((xb.shape[0],), seq[-1], dtype=torch.long, device=x0.device)
+        noise = torch.randn(xb.shape, generator=generator, device=x0.device)
+        x_t = model.diffusion.q_sample(xb, t, noise)
+        out.append(reverse_process(_eps_fn(model, "counterfactual", yb, settings, seq), model.diffusion, x_t, seq,
+                                   sampler=settings.sampler, eta=settings.eta, generator=generator,
+                                   clip_denoised=settings.clip_denoised))
+    cf = torch.cat(out)
+    return Counterfactuals(x0, cf, targets.to(x0.device), head_probabilities(model, x0), head_probabilities(model, cf),
+                           float(t_start), settings.alpha)

@@ -1,0 +1,33 @@
+"""Sample-quality metrics: Fréchet distance, improved precision/recall, feature extractors."""
+from .features import (
+    FEATURE_CLASSIFIER_NAME,
+    ClassifierFeatures,
+    FeatureNet,
+    FeatureNetConfig,
+    InceptionFeatures,
+    get_feature_classifier,
+    images_to_tensor,
+    load_feature_classifier,
+    save_feature_classifier,
+    train_feature_classifier,
+)
+from .fid import feature_statistics, fid_from_features, frechet_distance
+from .precision_recall import knn_radii, precision_recall
+
+__all__ = [
+    "FEATURE_CLASSIFIER_NAME",
+    "ClassifierFeatures",
+    "FeatureNet",
+    "FeatureNetConfig",
+    "InceptionFeatures",
+    "feature_statistics",
+    "fid_from_features",
+    "frechet_distance",
+    "get_feature_classifier",
+    "images_to_tensor",
+    "knn_radii",
+    "load_feature_classifier",
+    "precision_recall",
+    "save_feature_classifier",
+    "train_feature_classifier",
+]

@@ -1,0 +1,138 @@
+"""Conditional sampling, classifier guidance, counterfactuals and the sample/evaluate CLIs on a
+small joint model trained once per session (tests/generation_fixtures.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from jdm_fast import evaluate as eval_cli
+from jdm_fast import sample as sample_cli
+from jdm_fast.data import load_dataset
+from jdm_fast.generation import (
+    SampleSettings,
+    balanced_labels,
+    counterfactuals,
+    generate,
+    load_joint_model,
+    timestep_sequence,
+)
+from jdm_fast.training.images import to_uint8
+
+import generation_fixtures
+
+trained_run = generation_fixtures.trained_run  # the session fixture
+
+N = 40
+
+
+def _target_rate(run, mode, **kw):
+    """Fraction of N balanced samples (10 DDIM steps) that the independent classifier reads as their target."""
+    ckpt, fc = run
+    lm = load_joint_model(ckpt)
+    y = balanced_labels(N, 10)
+    x = generate(lm.model, mode, N, None if mode == "uncond" else y, SampleSettings(steps=10, **kw),
+                 torch.Generator().manual_seed(0))
+    return float((fc.predict(to_uint8(x)) == y.numpy()).mean())
+
+
+@pytest.fixture(scope="module")
+def uncond_rate(trained_run):
+    return _target_rate(trained_run, "uncond")
+
+
+def test_cond_sampling_raises_the_independent_target_rate(trained_run, uncond_rate):
+    # default: the head fed as it was trained (x0_hat of x_t, encoded at t = 0), normalised steps
+    assert _target_rate(trained_run, "cond") >= uncond_rate + 0.3
+
+
+def test_the_authors_variant_does_not_steer_towards_the_target(trained_run, uncond_rate):
+    # their sign (+alpha) and the raw t fed to the head: no better than unconditional sampling
+    assert _target_rate(trained_run, "cond", authors=True) <= uncond_rate + 0.05
+    assert _target_rate(trained_run, "cond", authors=True, alpha=0.3) <= uncond_rate + 0.05
+
+
+def test_guided_sampling_raises_the_independent_target_rate(trained_run, uncond_rate):
+    assert _target_rate(trained_run, "guided", guidance_scale=10.0) >= uncond_rate + 0.2
+
+
+def test_counterfactuals_reach_the_target_and_stay_closer_at_smaller_t_start(trained_run):
+    ckpt, _ = trained_run
+    lm = load_joint_model(ckpt)
+    test = load_dataset("digits", "test")
+    n = 20
+    x0 = torch.from_numpy(test.images[:n]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    targets = (torch.from_numpy(test.labels[:n]).long() + 1 + torch.arange(n) % 9) % 10
+    s = SampleSettings(steps=20)
+    near = counterfactuals(lm.model, x0, targets, 0.3, s, torch.Generator().manual_seed(0))
+    far = counterfactuals(lm.model, x0, targets, 0.6, s, torch.Generator().manual_seed(0))
+    assert near.images.shape == x0.shape and near.probs_after.shape == (n, 10)
+    assert torch.allclose(near.probs_before.sum(1), torch.ones(n), atol=1e-5)
+    assert float((near.probs_before.argmax(1) == targets).float().mean()) <= 0.1  # targets differ from the reading
+    assert float(near.flipped.float().mean()) >= 0.7 and float(far.flipped.float().mean()) >= 0.7
+    assert near.mean_abs_change.mean() < far.mean_abs_change.mean()
+
+
+def test_settings_and_steering_reject_bad_values():
+    for bad in ({"head_input": "x1"}, {"inner_steps": 0}, {"t_min": 1.0}, {"alpha": -1.0}, {"steps": 0}):
+        with pytest.raises(ValueError):
+            SampleSettings(**bad)
+
+
+def test_timestep_sequence_and_bad_t_start():
+    assert timestep_sequence(100, None) == list(range(100))
+    assert timestep_sequence(100, 10, 0.5)[-1] == 49 and len(timestep_sequence(100, 10, 0.5)) == 5
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"t_start must lie in \(0, 1\]"):
+            timestep_sequence(100, 10, bad)
+
+
+def test_sample_cli_writes_npz_and_grid(trained_run, tmp_path, capsys):
+    ckpt, _ = trained_run
+    assert sample_cli.main(["--checkpoint", str(ckpt), "--mode", "cond", "--num", "6", "--steps", "3",
+                            "--out", str(tmp_path / "c")]) == 0
+    d = np.load(tmp_path / "c" / "samples.npz")
+    assert d["images"].dtype == np.uint8 and d["images"].shape == (6, 28, 28, 1)
+    assert d["labels"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert (tmp_path / "c" / "samples.png").is_file()
+    assert sample_cli.main(["--checkpoint", str(ckpt), "--mode", "uncond", "--num", "3", "--steps", "2",
+                            "--out", str(tmp_path / "u"), "--raw"]) == 0
+    assert np.load(tmp_path / "u" / "samples.npz")["labels"].tolist() == [-1, -1, -1]
+    assert sample_cli.main(["--checkpoint", str(ckpt), "--mode", "counterfactual", "--num", "3", "--steps", "4",
+                            "--t-start", "0.2", "0.5", "--class", "7", "--alpha", "0.03", "--out", str(tmp_path / "cf")]) == 0
+    d = np.load(tmp_path / "cf" / "samples.npz")
+    assert d["images"].shape == d["originals"].shape == (6, 28, 28, 1)
+    assert d["labels"].tolist() == [7] * 6 and d["probs_after"].shape == (6, 10)
+    assert sorted(set(d["t_start"].tolist())) == [0.2, 0.5]
+    assert (tmp_path / "cf" / "counterfactuals_t0.2_a0.03.png").is_file()
+    assert "p(target)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--checkpoint", "/nonexistent/checkpoint.pt"], "no checkpoint at /nonexistent/checkpoint.pt"),
+    (["--mode", "cond", "--class", "10"], "class 10 is out of range"),
+    (["--mode", "counterfactual", "--t-start", "0"], r"--t-start must lie in \(0, 1\]"),
+    (["--mode", "counterfactual", "--t-start", "1.5"], r"--t-start must lie in \(0, 1\]"),
+    (["--steps", "zero"], "--steps must be a positive int or 'full'"),
+    (["--mode", "cond", "--inner-steps", "0"], "--inner-steps must be >= 1"),
+])
+def test_sample_cli_bad_input_errors_clearly(trained_run, argv, match, capsys, tmp_path):
+    ckpt, _ = trained_run
+    base = ["--checkpoint", str(ckpt), "--num", "2", "--steps", "2", "--out", str(tmp_path)]
+    assert sample_cli.main(base + argv) == 2
+    import re
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_evaluate_cli_on_samples_npz(trained_run, tmp_path, capsys):
+    ckpt, _ = trained_run
+    assert sample_cli.main(["--checkpoint", str(ckpt), "--mode", "uncond", "--num", "20", "--steps", "3",
+                            "--out", str(tmp_path / "s")]) == 0
+    assert eval_cli.main(["--checkpoint", str(ckpt), "--samples", str(tmp_path / "s" / "samples.npz"),
+                          "--out", str(tmp_path / "eval.json")]) == 0
+    r = json.loads((tmp_path / "eval.json").read_text())
+    assert r["feature_extractor"] == "digits-features"
+    assert r["test_accuracy_ema"] > 0.8 and "FID[digits-features]" in r["samples"]
+    assert 0 <= r["samples"]["precision[digits-features]"] <= 1
+    assert "NOT comparable to published FID" in capsys.readouterr().out
+    assert eval_cli.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
