@@ -35,3 +35,14 @@ def cuda_ms(run, iters: int = 10) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth, vendor figures
+
+
+def peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """The device's peak memory bandwidth in GB/s where known (CUDA devices in PEAK_GBPS)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)

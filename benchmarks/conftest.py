@@ -8,15 +8,6 @@ def pytest_addoption(parser):
                      help="also measure the torch.compile training-step variants on CPU (minutes of compilation)")
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import cuda_ms, runner
+from bench_utils import cuda_ms, peak_bandwidth_gbs, runner
 from jdm_fast.ops import backend, group_norm_silu
 
 SHAPES = [(256, 128, 32, 32), (256, 256, 16, 16), (256, 256, 8, 8), (256, 256, 4, 4), (256, 384, 32, 32),
@@ -63,17 +63,6 @@ def _peak_mb(run) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _peak_bandwidth_gbs(device) -> float | None:
-    props = torch.cuda.get_device_properties(device)
-    if "H200" in props.name:
-        return 4800.0
-    if "H100" in props.name:
-        return 3350.0
-    if "A100" in props.name:
-        return 2039.0
-    return None
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -89,7 +78,7 @@ def test_group_norm_silu_gpu(benchmark, cuda_device, shape, dtype, mode):
     benchmark.pedantic(run, setup=torch.cuda.synchronize, rounds=10, iterations=5, warmup_rounds=2)
     passes = 2 if mode == "fwd" else 5
     gbs = passes * x.numel() * x.element_size() / (ours_ms * 1e-3) / 1e9
-    peak_bw = _peak_bandwidth_gbs(cuda_device)
+    peak_bw = peak_bandwidth_gbs(cuda_device)
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name(cuda_device), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "ours_ms": ours_ms, "eager_ms": eager_ms,

@@ -13,20 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import cuda_ms
+from bench_utils import cuda_ms, peak_bandwidth_gbs
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.ops import noise as N
 
-PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth, vendor figures
-
 _DIFF = GaussianDiffusion(make_betas("jdm_linear", 1000))
-
-
-def _peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
 
 
 def _device_name(device: torch.device) -> str:
@@ -161,7 +152,7 @@ def _bench(benchmark, device, dtype, batch, op):
                            warmup_rounds=1)
     ours_ms = (cuda_ms(ours, iters=50) if device.type == "cuda" else benchmark.stats.stats.mean * 1e3)
     gbps = case[3] / (ours_ms * 1e-3) / 1e9
-    peak = _peak(device)
+    peak = peak_bandwidth_gbs(device)
     benchmark.extra_info.update({
         "device": _device_name(device), "torch": torch.__version__,
         "triton": getattr(__import__("triton"), "__version__", None) if device.type == "cuda" else None,

@@ -36,15 +36,3 @@ def interpreter_bf16_dot(monkeypatch):
 
     monkeypatch.setattr(interp.InterpreterBuilder, "create_dot",
                         lambda self, a, b, d, *args: original(self, widen(a), widen(b), d, *args))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` (run by benchmarks/gpu_check) skip on machines without CUDA."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

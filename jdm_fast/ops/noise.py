@@ -348,9 +348,9 @@ torch.library.register_autograd("jdm_fast::eps_mse", _eps_mse_backward, setup_co
 
 # ------------------------------------------------------------------------------ wrappers
 def fusable(*tensors: Tensor | None) -> bool:
-    """Whether the fused ops take these tensors: float32/float16/bfloat16, and no gradient
-    needed through a sampler step. Callers (jdm_fast.diffusion) keep plain PyTorch otherwise
-    (float64 closed-form checks, gradient-guided code)."""
+    """Whether the fused ops take these tensors' dtypes (float32/float16/bfloat16; None is
+    ignored). Callers (jdm_fast.diffusion, the joint loss) keep plain PyTorch otherwise, e.g. for
+    float64 closed-form checks; the samplers also keep it where a gradient must flow through a step."""
     return all(x is None or x.dtype in _FLOATS for x in tensors)
 
 

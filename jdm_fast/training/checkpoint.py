@@ -54,9 +54,10 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return stale
 
 
-def atomic_write(path: Path, write, verify=None) -> None:
+def atomic_write(path: Path, write, verify=None, before_replace=None) -> None:
     """Call ``write(file_object)`` on a temp file next to ``path``, fsync it, run ``verify(temp_path)``
-    if given, then rename it to ``path``. On any error the temp file is removed and ``path`` is untouched."""
+    and then ``before_replace()`` if given, then rename it to ``path``. On any error the temp file is
+    removed and ``path`` is untouched."""
     path = Path(path)
     fd, tmp = _temp_name(path)
     try:
@@ -66,6 +67,8 @@ def atomic_write(path: Path, write, verify=None) -> None:
             os.fsync(f.fileno())
         if verify is not None:
             verify(Path(tmp))
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -86,34 +89,27 @@ def _torch_save(state: dict, f) -> None:
 
 
 def save_checkpoint(path: Path, state: dict, keep_previous: bool = True) -> None:
-    """Write ``state`` atomically to ``path``; with ``keep_previous`` the checkpoint it replaces
+    """Write ``state`` atomically to ``path`` (verified from the page cache before the rename: cheap,
+    and catches a bad write such as a full disk); with ``keep_previous`` the checkpoint it replaces
     becomes ``<folder>/checkpoint.prev.pt`` first."""
     path = Path(path)
     previous = path.with_name(PREVIOUS_NAME)
-    fd, tmp = _temp_name(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _torch_save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        verify_checkpoint(Path(tmp))  # from the page cache: cheap, and catches a bad write (disk full)
-        if keep_previous and path.exists():
-            link = previous.with_name(f".{previous.name}.link.tmp")
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()  # left by a process killed right here
-            try:  # link + rename: `path` stays in place while `previous` becomes a second name for it
-                os.link(path, link)
-                os.replace(link, previous)
-            except OSError:  # no hard links on this filesystem: a plain rename (`previous` is complete)
-                with contextlib.suppress(OSError):
-                    link.unlink()
-                os.replace(path, previous)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    def keep_old() -> None:
+        if not (keep_previous and path.exists()):
+            return
+        link = previous.with_name(f".{previous.name}.link.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()  # left by a process killed right here
+        try:  # link + rename: `path` stays in place while `previous` becomes a second name for it
+            os.link(path, link)
+            os.replace(link, previous)
+        except OSError:  # no hard links on this filesystem: a plain rename (`previous` is complete)
+            with contextlib.suppress(OSError):
+                link.unlink()
+            os.replace(path, previous)
+
+    atomic_write(path, lambda f: _torch_save(state, f), verify_checkpoint, keep_old)
 
 
 def verify_checkpoint(path: Path) -> None:
