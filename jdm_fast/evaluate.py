@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             labels = None if mode == "uncond" else balanced_labels(args.num, k)
             t0 = time.perf_counter()
             x = generate(lm.model, mode, args.num, labels, settings, torch.Generator(device=device).manual_seed(args.seed),
-                         device)
+                         device, augment=lm.augment)
             log(f"generated {args.num} {mode} samples in {time.perf_counter() - t0:.1f}s")
             sets[mode] = (to_uint8(x), np.full(args.num, -1) if labels is None else labels.numpy())
     for name, (images, labels) in sets.items():

@@ -9,13 +9,17 @@ Modes (all steer with the model's own head; see jdm_fast/generation/steering.py)
   the head is fed as it was trained (``--head-input x0``): it reads the model's own clean-image
   prediction x0_hat = (x_t - sqrt(1 - abar_t) decode(z)) / sqrt(abar_t), encoded at t = 0; each step
   is ``alpha * rms(z) * g / rms(g)`` per example (``--raw-step``: the paper's raw ``alpha * g``).
+  The head reads ``--head-views`` copies of x0_hat under its training augmentation (digits: 2-pixel
+  shifts) and the loss is their mean, the expectation the head was trained on. Ancestral by default.
   ``--head-input xt`` is PAPER.md literally (head on x_t's own pooled representations, off the
   head's training distribution); ``--authors-variant`` adds the authors' two flaws (+alpha, away
   from the target; raw t fed to the head) to show the difference.
 - guided: pixel-space classifier guidance, grad_{x_t} log p(y | x0_hat(x_t)) through the whole
-  UNet and the t = 0 encoder pass (``--head-input xt``: the head on x_t's features), ``--guidance-scale``.
+  UNet and the t = 0 encoder pass (``--head-input xt``: the head on x_t's features), ``--guidance-scale``,
+  with the same head views.
 - counterfactual: test-split images (or ``--images``) noised to ``--t-start`` (fraction of T) and
-  run back to t = 0 with the cond sampler towards ``--class`` (default: a different class per image).
+  run back to t = 0 with the cond sampler towards ``--class`` (default: a different class per image),
+  deterministic DDIM by default (stays closer to the original).
 
 Writes PNG grids and ``samples.npz`` (``images`` uint8 N x H x W x C, ``labels`` the target class
 of each image or -1) to ``--out``; counterfactual mode also writes ``originals``,
@@ -36,6 +40,7 @@ import torch
 from PIL import Image
 
 from jdm_fast.generation import (
+    DEFAULT_SAMPLER,
     HEAD_INPUTS,
     MODES,
     SAMPLERS,
@@ -62,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
                    "counterfactual: a class other than the image's label)")
     p.add_argument("--steps", default="50", help="DDIM steps (or respaced ancestral steps), or 'full' for the "
                    "full T-step ancestral chain (default 50)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: ddim, or ancestral with --steps full")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="default: ancestral for cond (its fresh noise each step washes out texture the steering "
+                        "adds), ddim for uncond, guided and counterfactual; ancestral with --steps full")
     p.add_argument("--alpha", type=float, nargs="+", default=[DEFAULTS.alpha],
                    help="representation step of cond/counterfactual (counterfactual: several values sweep); with "
                         "the default normalised step a fraction of the representations' RMS per example, with "
@@ -76,6 +83,11 @@ def parser() -> argparse.ArgumentParser:
                         "z - alpha * rms(z) * g / rms(g)")
     p.add_argument("--inner-steps", type=int, default=DEFAULTS.inner_steps,
                    help=f"gradient steps on the representations per reverse step (default {DEFAULTS.inner_steps})")
+    p.add_argument("--head-views", type=int, default=DEFAULTS.head_views,
+                   help="augmented copies of x0_hat the head reads per steering gradient, drawn from the head's "
+                        "training augmentation (digits: 2-pixel shifts); the loss is their mean. 1 = the "
+                        f"unaugmented image only; a model trained without augmentation has one (default "
+                        f"{DEFAULTS.head_views})")
     p.add_argument("--steer-until", type=float, default=DEFAULTS.t_min,
                    help="steer only at timesteps t >= this fraction of T; the last reverse steps then just denoise "
                         f"(cond, guided, counterfactual; default {DEFAULTS.t_min:g}, 0 = every step)")
@@ -116,6 +128,8 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--t-start must lie in (0, 1] (a fraction of T), got {t}")
     if args.inner_steps < 1:
         raise ValueError(f"--inner-steps must be >= 1, got {args.inner_steps}")
+    if args.head_views < 1:
+        raise ValueError(f"--head-views must be >= 1, got {args.head_views}")
     if not 0.0 <= args.steer_until < 1.0:
         raise ValueError(f"--steer-until must lie in [0, 1), got {args.steer_until}")
     if min(args.alpha) < 0 or args.guidance_scale < 0:
@@ -154,13 +168,14 @@ def counterfactual_grid(x0: torch.Tensor, cf: torch.Tensor, path: Path) -> Path:
 def _settings(args: argparse.Namespace, steps: int | None, sampler: str, alpha: float) -> SampleSettings:
     return SampleSettings(steps=steps, sampler=sampler, alpha=alpha, guidance_scale=args.guidance_scale,
                           authors=args.authors_variant, head_input=args.head_input, normalize=not args.raw_step,
-                          inner_steps=args.inner_steps, t_min=args.steer_until, batch_size=args.batch_size)
+                          inner_steps=args.inner_steps, t_min=args.steer_until, head_views=args.head_views,
+                          batch_size=args.batch_size)
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
     validate(args)
     steps = parse_steps(args.steps)
-    sampler = args.sampler or ("ancestral" if steps is None else "ddim")
+    sampler = args.sampler or ("ancestral" if steps is None else DEFAULT_SAMPLER[args.mode])
     device = torch.device(args.device)
     lm = load_joint_model(args.checkpoint, ema=args.ema, device=device)
     model, k = lm.model, lm.num_classes
@@ -179,7 +194,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         labels = None
         if args.mode != "uncond":
             labels = torch.full((args.num,), args.cls) if args.cls is not None else balanced_labels(args.num, k)
-        x = generate(model, args.mode, args.num, labels, settings, g, device)
+        x = generate(model, args.mode, args.num, labels, settings, g, device, augment=lm.augment)
         images = to_uint8(x)
         np.savez(out / "samples.npz", images=images,
                  labels=(labels.numpy() if labels is not None else np.full(args.num, -1)).astype(np.int64))
@@ -192,7 +207,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 "(an independent check: python -m jdm_fast.evaluate --samples)")
     result.update(seconds=time.perf_counter() - start, npz=str(out / "samples.npz"), authors_variant=args.authors_variant,
                   head_input=args.head_input, raw_step=args.raw_step, alpha=args.alpha,
-                  guidance_scale=args.guidance_scale, steer_until=args.steer_until, inner_steps=args.inner_steps)
+                  guidance_scale=args.guidance_scale, steer_until=args.steer_until, inner_steps=args.inner_steps,
+                  head_views=args.head_views if lm.augment is not None else 1, sampler=sampler, steps=args.steps)
     (out / "sample_summary.json").write_text(json.dumps(result, indent=2))
     log(f"wrote {out / 'samples.npz'} and {out}/*.png in {result['seconds']:.1f}s")
     return result
@@ -220,7 +236,7 @@ def _run_counterfactuals(args, lm, steps, sampler, g, out: Path, log) -> dict:
     for t_start in args.t_start:
         for alpha in args.alpha:
             settings = _settings(args, steps, sampler, alpha)
-            cf = counterfactuals(model, x0, targets.to(x0.device), t_start, settings, g)
+            cf = counterfactuals(model, x0, targets.to(x0.device), t_start, settings, g, augment=lm.augment)
             grid = counterfactual_grid(x0, cf.images, out / f"counterfactuals_t{t_start:g}_a{alpha:g}.png")
             flip = float(cf.flipped.float().mean())
             change = float(cf.mean_abs_change.mean())

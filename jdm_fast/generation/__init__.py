@@ -3,6 +3,7 @@ sampling (PAPER.md), pixel-space classifier guidance, and visual counterfactual 
 from .loading import LoadedModel, load_joint_model
 from .process import SAMPLERS, respaced, reverse_process, timestep_sequence
 from .samplers import (
+    DEFAULT_SAMPLER,
     MODES,
     Counterfactuals,
     SampleSettings,
@@ -11,10 +12,15 @@ from .samplers import (
     counterfactuals,
     generate,
     head_probabilities,
+    sampler_for,
 )
-from .steering import HEAD_INPUTS, AuthorsTimeHead, predicted_x0, guidance_eps, representation_eps, unconditional_eps
+from .steering import (HEAD_INPUTS, AuthorsTimeHead, guidance_eps, head_log_probs, predicted_x0, representation_eps,
+                       unconditional_eps)
 
 __all__ = [
+    "DEFAULT_SAMPLER",
+    "head_log_probs",
+    "sampler_for",
     "HEAD_INPUTS",
     "predicted_x0",
     "MODES",

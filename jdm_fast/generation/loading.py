@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from jdm_fast.data.augment import AugmentConfig, default_augment
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointConfig, JointDiffusion
 
@@ -18,6 +19,7 @@ class LoadedModel:
     data_dir: str | None
     step: int
     path: Path
+    augment: AugmentConfig | None = None  # the head's training augmentation (None: trained without)
 
     @property
     def num_classes(self) -> int:
@@ -59,5 +61,7 @@ def load_joint_model(path: str | Path, *, ema: bool = True, device: str | torch.
     model = JointDiffusion(JointConfig(**cfg["model"]), diffusion.to(device))
     model.load_state_dict(_strip(state[which]))
     model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, "ema" if ema else "raw", cfg.get("dataset", "digits"), cfg.get("data_dir"),
-                       int(state["step"]), path)
+    dataset = cfg.get("dataset", "digits")
+    augment = default_augment(dataset) if cfg.get("augment", True) else None
+    return LoadedModel(model, "ema" if ema else "raw", dataset, cfg.get("data_dir"), int(state["step"]), path,
+                       augment if augment is not None and augment.enabled else None)
