@@ -16,6 +16,7 @@
 
 #include "noise_kernels.h"
 #include "philox.h"
+#include "step_rules.h"
 
 namespace jdm_fast {
 namespace cuda {
@@ -276,84 +277,44 @@ int launch_mse_backward(Launch l, const float* grad, const void* e, const void* 
 }
 
 // ------------------------------------------------------------------------------ sampler steps
+// Coefficients of example e for the ancestral step (tables indexed by t).
+template <typename TabT>
+struct AncestralCoefs {
+  const int64_t* t;
+  const TabT *recip, *recipm1, *coef1, *coef2, *log_var;
+  int64_t T;
+  __device__ __forceinline__ StepCoef operator()(int64_t e) const {
+    const int64_t tt = load_t(t, e, 0, T);
+    return ancestral_coef(static_cast<double>(recip[tt]), static_cast<double>(recipm1[tt]),
+                          static_cast<double>(coef1[tt]), static_cast<double>(coef2[tt]),
+                          static_cast<double>(log_var[tt]), tt);
+  }
+};
+
+// Coefficients of example e for the DDIM step (alphas_cumprod at t and t_prev).
+template <typename TabT>
+struct DdimCoefs {
+  const int64_t *t, *t_prev;
+  const TabT* abar;
+  int64_t T;
+  double eta;
+  __device__ __forceinline__ StepCoef operator()(int64_t e) const {
+    const int64_t tt = load_t(t, e, 0, T);
+    const int64_t tp = load_t(t_prev, e, -1, T);
+    assert(tp < tt && "jdm_fast: t_prev must be smaller than t");
+    return ddim_coef(static_cast<double>(abar[tt]), tp >= 0 ? static_cast<double>(abar[tp]) : 1.0,
+                     eta);
+  }
+};
+
+// One reverse step (step_rules.h): Coefs gives an example's coefficients, Rule the output.
 // Each thread owns a group of 4 flat elements aligned to the Philox stream (the group of
 // stream block `blk` when drawing noise, of 4 consecutive elements otherwise); per-example
 // coefficients are recomputed in float64 only when the example changes.
-struct AncestralCoef {
-  float recip, recipm1, c1, c2, sigma;
-};
-
-template <typename TabT>
-__device__ __forceinline__ AncestralCoef ancestral_coef(const TabT* r, const TabT* rm,
-                                                        const TabT* c1, const TabT* c2,
-                                                        const TabT* lv, int64_t tt) {
-  AncestralCoef c;
-  c.recip = static_cast<float>(r[tt]);
-  c.recipm1 = static_cast<float>(rm[tt]);
-  c.c1 = static_cast<float>(c1[tt]);
-  c.c2 = static_cast<float>(c2[tt]);
-  c.sigma = tt > 0 ? static_cast<float>(exp(0.5 * static_cast<double>(lv[tt]))) : 0.f;
-  return c;
-}
-
-template <typename T, typename TabT>
-__global__ void ancestral_kernel(const T* __restrict__ x, const T* __restrict__ eps, int mode,
-                                 const T* __restrict__ noise, uint64_t seed, uint64_t offset,
-                                 T* __restrict__ out, const int64_t* __restrict__ t,
-                                 const TabT* r, const TabT* rm, const TabT* c1, const TabT* c2,
-                                 const TabT* lv, int64_t T_, bool clip, int64_t n, int64_t per) {
-  const uint64_t off = mode == kNoisePhilox ? offset : 0;
-  const uint64_t first = off / 4;
-  const uint64_t groups = (off + static_cast<uint64_t>(n) + 3) / 4 - first;
-  for (uint64_t k = thread_id(); k < groups; k += thread_stride()) {
-    const uint64_t blk = first + k;
-    float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (mode == kNoisePhilox) philox_normal4(seed, blk, z);
-    int64_t cur = -1;
-    AncestralCoef c{};
-#pragma unroll
-    for (int lane = 0; lane < 4; ++lane) {
-      const uint64_t g = 4 * blk + lane;
-      if (g < off || g >= off + static_cast<uint64_t>(n)) continue;
-      const int64_t j = static_cast<int64_t>(g - off);
-      const int64_t e = j / per;
-      if (e != cur) {
-        cur = e;
-        c = ancestral_coef(r, rm, c1, c2, lv, load_t(t, e, 0, T_));
-      }
-      const float zv = mode == kNoiseTensor ? to_f(noise[j]) : z[lane];
-      const float xv = to_f(x[j]);
-      float x0 = c.recip * xv - c.recipm1 * to_f(eps[j]);
-      if (clip) x0 = clamp1(x0);
-      out[j] = from_f<T>(c.c1 * x0 + c.c2 * xv + c.sigma * zv);
-    }
-  }
-}
-
-struct DdimCoef {
-  float recip, recipm1, sap, dir, sigma;
-};
-
-template <typename TabT>
-__device__ __forceinline__ DdimCoef ddim_coef(const TabT* abar, int64_t tt, int64_t tp, double eta) {
-  const double a = static_cast<double>(abar[tt]);
-  const double ap = tp >= 0 ? static_cast<double>(abar[tp]) : 1.0;
-  const double sigma = eta * sqrt(fmax(0.0, (1.0 - ap) / (1.0 - a) * (1.0 - a / ap)));
-  DdimCoef c;
-  c.recip = static_cast<float>(1.0 / sqrt(a));
-  c.recipm1 = static_cast<float>(sqrt(1.0 / a - 1.0));
-  c.sap = static_cast<float>(sqrt(ap));
-  c.dir = static_cast<float>(sqrt(fmax(0.0, 1.0 - ap - sigma * sigma)));
-  c.sigma = static_cast<float>(sigma);
-  return c;
-}
-
-template <typename T, typename TabT>
-__global__ void ddim_kernel(const T* __restrict__ x, const T* __restrict__ eps, int mode,
+template <typename T, typename Rule, typename Coefs>
+__global__ void step_kernel(const T* __restrict__ x, const T* __restrict__ eps, int mode,
                             const T* __restrict__ noise, uint64_t seed, uint64_t offset,
-                            T* __restrict__ out, const int64_t* __restrict__ t,
-                            const int64_t* __restrict__ t_prev, const TabT* abar, int64_t T_,
-                            double eta, bool clip, int64_t n, int64_t per) {
+                            T* __restrict__ out, Coefs coefs, bool clip, int64_t n, int64_t per) {
   const uint64_t off = mode == kNoisePhilox ? offset : 0;
   const uint64_t first = off / 4;
   const uint64_t groups = (off + static_cast<uint64_t>(n) + 3) / 4 - first;
@@ -362,7 +323,7 @@ __global__ void ddim_kernel(const T* __restrict__ x, const T* __restrict__ eps, 
     float z[4] = {0.f, 0.f, 0.f, 0.f};
     if (mode == kNoisePhilox) philox_normal4(seed, blk, z);
     int64_t cur = -1;
-    DdimCoef c{};
+    StepCoef c{};
 #pragma unroll
     for (int lane = 0; lane < 4; ++lane) {
       const uint64_t g = 4 * blk + lane;
@@ -371,20 +332,14 @@ __global__ void ddim_kernel(const T* __restrict__ x, const T* __restrict__ eps, 
       const int64_t e = j / per;
       if (e != cur) {
         cur = e;
-        const int64_t tt = load_t(t, e, 0, T_);
-        const int64_t tp = load_t(t_prev, e, -1, T_);
-        assert(tp < tt && "jdm_fast: t_prev must be smaller than t");
-        c = ddim_coef(abar, tt, tp, eta);
+        c = coefs(e);
       }
       const float zv = mode == kNoiseTensor ? to_f(noise[j]) : z[lane];
       const float xv = to_f(x[j]);
-      float ev = to_f(eps[j]);
+      const float ev = to_f(eps[j]);
       float x0 = c.recip * xv - c.recipm1 * ev;
-      if (clip) {
-        x0 = clamp1(x0);
-        ev = (c.recip * xv - x0) / c.recipm1;
-      }
-      out[j] = from_f<T>(c.sap * x0 + c.dir * ev + c.sigma * zv);
+      if (clip) x0 = clamp1(x0);
+      out[j] = from_f<T>(Rule::out(c, xv, ev, x0, clip, zv));
     }
   }
 }
@@ -392,6 +347,17 @@ __global__ void ddim_kernel(const T* __restrict__ x, const T* __restrict__ eps, 
 int64_t step_groups(int mode, uint64_t offset, int64_t n) {
   const uint64_t off = mode == kNoisePhilox ? offset : 0;
   return static_cast<int64_t>((off + static_cast<uint64_t>(n) + 3) / 4 - off / 4);
+}
+
+template <typename Tx, typename Rule, typename Coefs>
+int launch_step(Launch l, const void* x, const void* eps, int mode, const void* noise,
+                uint64_t seed, uint64_t offset, void* out, const Coefs& coefs, bool clip,
+                int64_t n, int64_t per) {
+  const int grid = grid_for(step_groups(mode, offset, n), l.max_blocks);
+  step_kernel<Tx, Rule, Coefs><<<grid, kThreads, 0, static_cast<cudaStream_t>(l.stream)>>>(
+      static_cast<const Tx*>(x), static_cast<const Tx*>(eps), mode, static_cast<const Tx*>(noise),
+      seed, offset, static_cast<Tx*>(out), coefs, clip, n, per);
+  return finish();
 }
 
 // Calls f(T{}, TabT{}) with the element and table types.
@@ -464,34 +430,28 @@ int eps_mse_backward(Launch l, int dtype, bool noise_f32, const float* grad, con
 int ancestral_step(Launch l, int dtype, const void* x, const void* eps, int mode,
                    const void* noise, uint64_t seed, uint64_t offset, void* out, const int64_t* t,
                    AncestralTables tabs, int64_t T, bool clip, int64_t n, int64_t per) {
-  const int grid = grid_for(step_groups(mode, offset, n), l.max_blocks);
-  const auto s = static_cast<cudaStream_t>(l.stream);
   return dispatch(dtype, tabs.recip.f64, [&](auto xv, auto tab) {
-    using Tx = decltype(xv);
     using Tt = decltype(tab);
-    ancestral_kernel<Tx, Tt><<<grid, kThreads, 0, s>>>(
-        static_cast<const Tx*>(x), static_cast<const Tx*>(eps), mode,
-        static_cast<const Tx*>(noise), seed, offset, static_cast<Tx*>(out), t,
-        static_cast<const Tt*>(tabs.recip.ptr), static_cast<const Tt*>(tabs.recipm1.ptr),
-        static_cast<const Tt*>(tabs.coef1.ptr), static_cast<const Tt*>(tabs.coef2.ptr),
-        static_cast<const Tt*>(tabs.log_variance.ptr), T, clip, n, per);
-    return finish();
+    const AncestralCoefs<Tt> coefs{t,
+                                   static_cast<const Tt*>(tabs.recip.ptr),
+                                   static_cast<const Tt*>(tabs.recipm1.ptr),
+                                   static_cast<const Tt*>(tabs.coef1.ptr),
+                                   static_cast<const Tt*>(tabs.coef2.ptr),
+                                   static_cast<const Tt*>(tabs.log_variance.ptr),
+                                   T};
+    return launch_step<decltype(xv), AncestralRule>(l, x, eps, mode, noise, seed, offset, out,
+                                                    coefs, clip, n, per);
   });
 }
 
 int ddim_step(Launch l, int dtype, const void* x, const void* eps, int mode, const void* noise,
               uint64_t seed, uint64_t offset, void* out, const int64_t* t, const int64_t* t_prev,
               Table abar, int64_t T, double eta, bool clip, int64_t n, int64_t per) {
-  const int grid = grid_for(step_groups(mode, offset, n), l.max_blocks);
-  const auto s = static_cast<cudaStream_t>(l.stream);
   return dispatch(dtype, abar.f64, [&](auto xv, auto tab) {
-    using Tx = decltype(xv);
     using Tt = decltype(tab);
-    ddim_kernel<Tx, Tt><<<grid, kThreads, 0, s>>>(
-        static_cast<const Tx*>(x), static_cast<const Tx*>(eps), mode,
-        static_cast<const Tx*>(noise), seed, offset, static_cast<Tx*>(out), t, t_prev,
-        static_cast<const Tt*>(abar.ptr), T, eta, clip, n, per);
-    return finish();
+    const DdimCoefs<Tt> coefs{t, t_prev, static_cast<const Tt*>(abar.ptr), T, eta};
+    return launch_step<decltype(xv), DdimRule>(l, x, eps, mode, noise, seed, offset, out, coefs,
+                                               clip, n, per);
   });
 }
 

@@ -16,6 +16,7 @@
 
 #include "noise_common.h"
 #include "philox.h"
+#include "step_rules.h"
 
 namespace jdm_fast {
 namespace {
@@ -247,6 +248,47 @@ void step_loop(int64_t n, int64_t per, NoiseMode mode, const scalar_t* zt, uint6
   });
 }
 
+// Runs Rule (step_rules.h) over every element: x0 = recip * x - recipm1 * eps, clamped when
+// clip_denoised (the branch hoisted out of the loop so both loops stay branch-free), then
+// out = Rule::out(...). coef holds each example's coefficients.
+template <typename Rule>
+at::Tensor reverse_step_cpu(const at::Tensor& x, const at::Tensor& eps,
+                            const at::Tensor& noise, NoiseMode mode, c10::optional<int64_t> seed,
+                            int64_t offset, const std::vector<StepCoef>& coef, bool clip_denoised) {
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel(), per = per_example(x);
+  if (n == 0) return out;
+  JDM_DISPATCH_FLOAT(x.scalar_type(), "reverse_step_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* ep = eps.data_ptr<scalar_t>();
+    const scalar_t* zt = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    step_loop<scalar_t>(n, per, mode, zt, static_cast<uint64_t>(seed.value_or(0)),
+                        static_cast<uint64_t>(offset),
+                        [&](int64_t e, int64_t j0, int64_t j1, const float* z) {
+      const StepCoef c = coef[e];
+      const scalar_t* xs = xp + j0;
+      const scalar_t* es = ep + j0;
+      scalar_t* os = op_ + j0;
+      const int64_t m = j1 - j0;
+      if (clip_denoised) {
+        for (int64_t j = 0; j < m; ++j) {
+          const float xv = static_cast<float>(xs[j]), ev = static_cast<float>(es[j]);
+          const float x0 = clamp1(c.recip * xv - c.recipm1 * ev);
+          os[j] = static_cast<scalar_t>(Rule::out(c, xv, ev, x0, true, z[j]));
+        }
+      } else {
+        for (int64_t j = 0; j < m; ++j) {
+          const float xv = static_cast<float>(xs[j]), ev = static_cast<float>(es[j]);
+          const float x0 = c.recip * xv - c.recipm1 * ev;
+          os[j] = static_cast<scalar_t>(Rule::out(c, xv, ev, x0, false, z[j]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor ancestral_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in,
                               const at::Tensor& t_in, const at::Tensor& recip_in,
                               const at::Tensor& recipm1_in, const at::Tensor& coef1_in,
@@ -259,62 +301,22 @@ at::Tensor ancestral_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in,
   const NoiseMode mode = check_step_noise(op, noise_in, seed, offset, x_in);
   const auto t = t_in.contiguous();
   check_t_range_cpu(op, "t", t, 0, T);
-  const auto x = x_in.contiguous(), eps = eps_in.contiguous();
-  const at::Tensor noise = mode == cuda::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t n = x.numel(), per = per_example(x), B = x.size(0);
-  if (n == 0) return out;
-  // Per-example coefficients in float64: (recip, recipm1, c1, c2, sigma).
-  std::vector<double> coef(5 * B);
-  {
-    const int64_t* tp = t.data_ptr<int64_t>();
-    const auto get = [&](const at::Tensor& tab, int64_t i) {
-      return tab.scalar_type() == at::kDouble ? tab.data_ptr<double>()[i]
-                                              : static_cast<double>(tab.data_ptr<float>()[i]);
-    };
-    const auto r = recip_in.contiguous(), rm = recipm1_in.contiguous(), c1 = coef1_in.contiguous(),
-               c2 = coef2_in.contiguous(), lv = logvar_in.contiguous();
-    for (int64_t e = 0; e < B; ++e) {
-      const int64_t tt = tp[e];
-      coef[5 * e + 0] = get(r, tt);
-      coef[5 * e + 1] = get(rm, tt);
-      coef[5 * e + 2] = get(c1, tt);
-      coef[5 * e + 3] = get(c2, tt);
-      coef[5 * e + 4] = tt > 0 ? std::exp(0.5 * get(lv, tt)) : 0.0;  // no noise at t = 0
-    }
+  const int64_t B = x_in.size(0);
+  std::vector<StepCoef> coef(B);
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const auto get = [&](const at::Tensor& tab, int64_t i) {
+    return tab.scalar_type() == at::kDouble ? tab.data_ptr<double>()[i]
+                                            : static_cast<double>(tab.data_ptr<float>()[i]);
+  };
+  const auto r = recip_in.contiguous(), rm = recipm1_in.contiguous(), c1 = coef1_in.contiguous(),
+             c2 = coef2_in.contiguous(), lv = logvar_in.contiguous();
+  for (int64_t e = 0; e < B; ++e) {
+    const int64_t tt = tp[e];
+    coef[e] = ancestral_coef(get(r, tt), get(rm, tt), get(c1, tt), get(c2, tt), get(lv, tt), tt);
   }
-  JDM_DISPATCH_FLOAT(x.scalar_type(), "ancestral_step_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ep = eps.data_ptr<scalar_t>();
-    const scalar_t* zt = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    step_loop<scalar_t>(n, per, mode, zt, static_cast<uint64_t>(seed.value_or(0)),
-                        static_cast<uint64_t>(offset),
-                        [&](int64_t e, int64_t j0, int64_t j1, const float* z) {
-      const double* c = &coef[5 * e];
-      const float r = static_cast<float>(c[0]), rm = static_cast<float>(c[1]);
-      const float c1 = static_cast<float>(c[2]), c2 = static_cast<float>(c[3]);
-      const float sigma = static_cast<float>(c[4]);
-      const scalar_t* xs = xp + j0;
-      const scalar_t* es = ep + j0;
-      scalar_t* os = op_ + j0;
-      const int64_t m = j1 - j0;
-      if (clip_denoised) {
-        for (int64_t j = 0; j < m; ++j) {
-          const float xv = static_cast<float>(xs[j]);
-          const float x0 = clamp1(r * xv - rm * static_cast<float>(es[j]));
-          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * z[j]);
-        }
-      } else {
-        for (int64_t j = 0; j < m; ++j) {
-          const float xv = static_cast<float>(xs[j]);
-          const float x0 = r * xv - rm * static_cast<float>(es[j]);
-          os[j] = static_cast<scalar_t>(c1 * x0 + c2 * xv + sigma * z[j]);
-        }
-      }
-    });
-  });
-  return out;
+  const at::Tensor noise = mode == cuda::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
+  return reverse_step_cpu<AncestralRule>(x_in.contiguous(), eps_in.contiguous(), noise, mode,
+                                         seed, offset, coef, clip_denoised);
 }
 
 at::Tensor ddim_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in, const at::Tensor& t_in,
@@ -334,57 +336,15 @@ at::Tensor ddim_step_cpu(const at::Tensor& x_in, const at::Tensor& eps_in, const
     TORCH_CHECK_VALUE(pp[e] < tp[e], op, ": t_prev[", e, "] = ", pp[e], " must be smaller than t[",
                       e, "] = ", tp[e]);
   }
-  const auto x = x_in.contiguous(), eps = eps_in.contiguous();
-  const at::Tensor noise = mode == cuda::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t n = x.numel(), per = per_example(x);
-  if (n == 0) return out;
-  // Per-example (recip, recipm1, sqrt(abar_prev), dir, sigma) in float64.
-  std::vector<double> coef(5 * B);
+  std::vector<StepCoef> coef(B);
   const auto abar = abar_in.to(at::kDouble).contiguous();
   const double* ab = abar.data_ptr<double>();
   for (int64_t e = 0; e < B; ++e) {
-    const double a = ab[tp[e]], ap = pp[e] >= 0 ? ab[pp[e]] : 1.0;
-    const double sigma = eta * std::sqrt(std::max(0.0, (1.0 - ap) / (1.0 - a) * (1.0 - a / ap)));
-    coef[5 * e + 0] = 1.0 / std::sqrt(a);
-    coef[5 * e + 1] = std::sqrt(1.0 / a - 1.0);
-    coef[5 * e + 2] = std::sqrt(ap);
-    coef[5 * e + 3] = std::sqrt(std::max(0.0, 1.0 - ap - sigma * sigma));
-    coef[5 * e + 4] = sigma;
+    coef[e] = ddim_coef(ab[tp[e]], pp[e] >= 0 ? ab[pp[e]] : 1.0, eta);
   }
-  JDM_DISPATCH_FLOAT(x.scalar_type(), "ddim_step_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ep = eps.data_ptr<scalar_t>();
-    const scalar_t* zt = noise.defined() ? noise.data_ptr<scalar_t>() : nullptr;
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    step_loop<scalar_t>(n, per, mode, zt, static_cast<uint64_t>(seed.value_or(0)),
-                        static_cast<uint64_t>(offset),
-                        [&](int64_t e, int64_t j0, int64_t j1, const float* z) {
-      const double* c = &coef[5 * e];
-      const float recip = static_cast<float>(c[0]), recipm1 = static_cast<float>(c[1]);
-      const float sap = static_cast<float>(c[2]), dir = static_cast<float>(c[3]);
-      const float sigma = static_cast<float>(c[4]);
-      const scalar_t* xs = xp + j0;
-      const scalar_t* es = ep + j0;
-      scalar_t* os = op_ + j0;
-      const int64_t m = j1 - j0;
-      if (clip_denoised) {
-        for (int64_t j = 0; j < m; ++j) {
-          const float xv = static_cast<float>(xs[j]);
-          const float x0 = clamp1(recip * xv - recipm1 * static_cast<float>(es[j]));
-          const float ev = (recip * xv - x0) / recipm1;
-          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * z[j]);
-        }
-      } else {
-        for (int64_t j = 0; j < m; ++j) {
-          const float xv = static_cast<float>(xs[j]), ev = static_cast<float>(es[j]);
-          const float x0 = recip * xv - recipm1 * ev;
-          os[j] = static_cast<scalar_t>(sap * x0 + dir * ev + sigma * z[j]);
-        }
-      }
-    });
-  });
-  return out;
+  const at::Tensor noise = mode == cuda::kNoiseTensor ? noise_in->contiguous() : at::Tensor();
+  return reverse_step_cpu<DdimRule>(x_in.contiguous(), eps_in.contiguous(), noise, mode, seed,
+                                    offset, coef, clip_denoised);
 }
 
 }  // namespace
