@@ -1,10 +1,11 @@
 """The reverse process with a pluggable eps: the loop shared by every sampler of this package.
 
-``eps_fn(x_t, t) -> (eps, shift)`` gets ORIGINAL timestep indices (B,) and returns the (possibly
-steered) eps prediction and an optional tensor added to the step's output (classifier guidance's
-mean shift; None otherwise). Steering needs gradients through the network, never through the
-step itself: the step runs under ``torch.no_grad()``, so ``jdm_fast.diffusion``'s step functions
-dispatch to the fused ops.
+``eps_fn(x_t, t, t_value) -> (eps, shift)`` gets the ORIGINAL timestep of the step, as indices (B,)
+on the device and as the Python int ``t_value`` they all hold (so steering decisions need no
+host-device sync), and returns the (possibly steered) eps prediction and an optional tensor added
+to the step's output (classifier guidance's mean shift; None otherwise). Steering needs gradients
+through the network, never through the step itself: the step runs under ``torch.no_grad()``, so
+``jdm_fast.diffusion``'s step functions dispatch to the fused ops.
 
 Timesteps are any ascending subsequence ``seq`` of [0, T): DDIM steps between consecutive
 entries on the original alphas_cumprod; the ancestral sampler runs on the diffusion respaced to
@@ -20,7 +21,7 @@ import torch
 from jdm_fast.diffusion import GaussianDiffusion, ancestral_step, ddim_step, spaced_timesteps
 
 SAMPLERS = ("ddim", "ancestral")
-EpsFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+EpsFn = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 def timestep_sequence(num_timesteps: int, steps: int | None, t_start: float = 1.0) -> list[int]:
@@ -56,7 +57,7 @@ def reverse_process(eps_fn: EpsFn, diffusion: GaussianDiffusion, x: torch.Tensor
     spaced = respaced(diffusion, seq) if sampler == "ancestral" else None
     for k in reversed(range(len(seq))):
         t = torch.full((b,), seq[k], dtype=torch.long, device=dev)
-        eps, shift = eps_fn(x, t)
+        eps, shift = eps_fn(x, t, seq[k])
         with torch.no_grad():
             eps = eps.detach().to(x.dtype)
             if sampler == "ddim":

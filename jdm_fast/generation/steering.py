@@ -91,12 +91,18 @@ class AuthorsTimeHead(nn.Module):
         return h
 
 
-def _check_labels(y: torch.Tensor, x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+def _check_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Target labels as int64, checked once when an eps function is built (one host sync)."""
+    if y.ndim != 1:
+        raise ValueError(f"labels must have shape (N,), got {tuple(y.shape)}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
-    return y.long().to(x.device)
+    return y.long()
+
+
+def _check_batch(y: torch.Tensor, x: torch.Tensor) -> None:
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
 
 
 def _check_head_input(head_input: str) -> None:
@@ -137,7 +143,7 @@ def _target_log_prob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def unconditional_eps(model: JointDiffusion):
-    def eps_fn(x: torch.Tensor, t: torch.Tensor):
+    def eps_fn(x: torch.Tensor, t: torch.Tensor, t_value: int):
         with torch.no_grad():
             return model.unet(x, t), None
     return eps_fn
@@ -174,12 +180,14 @@ def representation_eps(model: JointDiffusion, y: torch.Tensor, alpha: float, *, 
         x0 = predicted_x0(model, x, t, model.unet.decode(zs[0], zs[1:], emb))
         return -_target_log_prob(head_log_probs(model, x0, augment, views, view_generator), yy)
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor):
-        yy = _check_labels(y, x, model.config.head.num_classes)
+    yy = _check_labels(y, model.config.head.num_classes)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor, t_value: int):
+        _check_batch(yy, x)
         with torch.no_grad():
             enc = model.unet.encode(x, t)
         zs = [enc.h.detach()] + [s.detach() for s in enc.skips]
-        if alpha > 0 and int(t[0]) >= t_min * model.diffusion.num_timesteps:
+        if alpha > 0 and t_value >= t_min * model.diffusion.num_timesteps:
             scale = _per_example_rms(zs) if normalize else None
             for _ in range(inner_steps):
                 with torch.enable_grad():
@@ -210,9 +218,11 @@ def guidance_eps(model: JointDiffusion, y: torch.Tensor, scale: float, diffusion
     _check_head_input(head_input)
     abar = diffusion.alphas_cumprod
 
-    def eps_fn(x: torch.Tensor, t: torch.Tensor):
-        yy = _check_labels(y, x, model.config.head.num_classes)
-        if scale == 0 or int(t[0]) < t_min * diffusion.num_timesteps:
+    yy = _check_labels(y, model.config.head.num_classes)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor, t_value: int):
+        _check_batch(yy, x)
+        if scale == 0 or t_value < t_min * diffusion.num_timesteps:
             with torch.no_grad():
                 return model.unet(x, t), None
         with torch.enable_grad():
@@ -230,6 +240,5 @@ def guidance_eps(model: JointDiffusion, y: torch.Tensor, scale: float, diffusion
             if sampler == "ddim":
                 coef = (1.0 - abar.to(x.device)[t]).sqrt().to(x.dtype).view(-1, *per)
                 return eps - scale * coef * grad, None
-            var = torch.tensor([step_variances[int(v)] for v in t.tolist()], dtype=x.dtype, device=x.device)
-            return eps, scale * var.view(-1, *per) * grad
+            return eps, scale * step_variances[t_value] * grad
     return eps_fn
