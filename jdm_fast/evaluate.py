@@ -28,8 +28,10 @@ from jdm_fast.generation import SampleSettings, balanced_labels, generate, load_
 from jdm_fast.metrics import (
     FEATURE_CLASSIFIER_NAME,
     InceptionFeatures,
-    fid_from_features,
+    feature_statistics,
+    frechet_distance,
     get_feature_classifier,
+    knn_radii,
     precision_recall,
 )
 from jdm_fast.training.images import to_uint8
@@ -57,10 +59,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quality(extractor, real_feats: np.ndarray, images: np.ndarray, k: int) -> dict:
+class _RealSet:
+    """The test split's features and what every generated set is compared with: their Gaussian
+    statistics and k-NN radii, computed once."""
+
+    def __init__(self, features: np.ndarray, k: int):
+        self.features, self.k = features, k
+        self.stats = feature_statistics(features)
+        self.radii = knn_radii(torch.as_tensor(features, dtype=torch.float64), k)
+
+
+def _quality(extractor, real: _RealSet, images: np.ndarray) -> dict:
     feats = extractor.features(images)
-    prec, rec = precision_recall(real_feats, feats, k=k)
-    return {f"FID[{extractor.name}]": fid_from_features(real_feats, feats), f"precision[{extractor.name}]": prec,
+    prec, rec = precision_recall(real.features, feats, k=real.k, real_radii=real.radii)
+    fid = frechet_distance(*real.stats, *feature_statistics(feats))
+    return {f"FID[{extractor.name}]": fid, f"precision[{extractor.name}]": prec,
             f"recall[{extractor.name}]": rec, "num": int(len(images))}
 
 
@@ -85,7 +98,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     results["feature_classifier"] = {k: fc.info.get(k) for k in ("test_accuracy", "seed", "steps")}
     extractor = InceptionFeatures(args.inception_weights, device=args.device) if args.inception_weights else fc
     results["feature_extractor"] = extractor.name
-    real = extractor.features(test.images)
+    real = _RealSet(extractor.features(test.images), args.k)
 
     sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if args.samples:
@@ -108,7 +121,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             log(f"generated {args.num} {mode} samples in {time.perf_counter() - t0:.1f}s")
             sets[mode] = (to_uint8(x), np.full(args.num, -1) if labels is None else labels.numpy())
     for name, (images, labels) in sets.items():
-        entry = _quality(extractor, real, images, args.k)
+        entry = _quality(extractor, real, images)
         has = labels >= 0
         if has.any():
             entry[f"class_consistency[{fc.name}]"] = float((fc.predict(images[has]) == labels[has]).mean())

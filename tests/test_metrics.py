@@ -8,6 +8,7 @@ from jdm_fast.metrics import (
     FeatureNetConfig,
     fid_from_features,
     frechet_distance,
+    knn_radii,
     precision_recall,
 )
 
@@ -40,6 +41,22 @@ def test_precision_recall_of_a_set_with_itself_is_one_and_disjoint_sets_zero():
     # Generated samples collapsed on a part of the real set: high precision, low recall.
     p, r = precision_recall(f, f[f[:, 0] > 1.0])
     assert p == 1.0 and r < 0.5
+
+
+def test_precision_recall_with_precomputed_real_radii():
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(200, 4)), rng.normal(size=(150, 4)) * 1.5
+    import torch
+    radii = knn_radii(torch.as_tensor(real, dtype=torch.float64), 3)
+    # brute-force reference: a fake point is "precise" when it lies within the k-th-NN ball of a real point
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=2)
+    r_real = np.sort(d_rr, axis=1)[:, 3]
+    assert np.allclose(radii.numpy(), r_real)
+    want_p = float((np.linalg.norm(fake[:, None] - real[None], axis=2) <= r_real[None]).any(axis=1).mean())
+    assert precision_recall(real, fake, real_radii=radii) == precision_recall(real, fake)
+    assert precision_recall(real, fake, real_radii=radii)[0] == pytest.approx(want_p)
+    with pytest.raises(ValueError, match=r"real_radii must have shape \(200,\)"):
+        precision_recall(real, fake, real_radii=radii[:10])
 
 
 def test_metrics_reject_bad_input():

@@ -1,8 +1,9 @@
 """Fréchet distance between Gaussians fitted to feature sets (FID, Heusel et al. 2017).
 
-``d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, computed in float64 with
-``scipy.linalg.sqrtm``. The number is only comparable between runs that use the same feature
-extractor; callers label it with the extractor's name (``FID[digits-features]``).
+``d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, computed in float64 from symmetric
+eigendecompositions (see :func:`frechet_distance`). The number is only comparable between runs
+that use the same feature extractor; callers label it with the extractor's name
+(``FID[digits-features]``).
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
 
     ``tr sqrt(S1 S2)`` is computed as ``tr sqrt(S1^1/2 S2 S1^1/2)`` (the same eigenvalues) from
     symmetric eigendecompositions with round-off negatives clipped to 0: exact for PSD covariances
     and stable when they are singular (fewer samples than dimensions), where ``scipy.linalg.sqrtm(S1
-    @ S2)`` returns large spurious imaginary parts. ``eps`` is kept for API compatibility (unused).
+    @ S2)`` returns large spurious imaginary parts.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))

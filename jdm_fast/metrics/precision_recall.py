@@ -40,11 +40,19 @@ def _coverage(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, c
     return torch.cat(inside).double().mean().item()
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """``(precision, recall)`` of generated features ``fake`` against ``real`` (both (N, D))."""
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+    """``(precision, recall)`` of generated features ``fake`` against ``real`` (both (N, D)).
+
+    ``real_radii``: ``knn_radii`` of the real set for this ``k``, when several generated sets are
+    compared with one real set (an N_real x N_real distance pass each time otherwise)."""
     r, f = _as_tensor("real features", real), _as_tensor("generated features", fake)
     if r.shape[1] != f.shape[1]:
         raise ValueError(f"feature dimensions differ: real {r.shape[1]} vs generated {f.shape[1]}")
-    precision = _coverage(f, r, knn_radii(r, k))
+    if real_radii is None:
+        real_radii = knn_radii(r, k)
+    elif real_radii.shape != (r.shape[0],):
+        raise ValueError(f"real_radii must have shape ({r.shape[0]},), got {tuple(real_radii.shape)}")
+    precision = _coverage(f, r, real_radii)
     recall = _coverage(r, f, knn_radii(f, k))
     return precision, recall
