@@ -160,7 +160,7 @@ def _bench(benchmark, device, dtype, batch, op):
         "ours_ms": ours_ms, "eager_ms": eager_ms, "compile_ms": compiled_ms,
         "ratio_vs_eager": eager_ms / ours_ms, "ratio_vs_compile": compiled_ms / ours_ms,
         "GB/s": gbps, "bytes_floor": case[3],
-        "fraction_of_bandwidth": None if peak is None else gbps / peak,
+        "fraction_of_peak_bw": None if peak is None else gbps / peak,
     })
 
 
