@@ -355,17 +355,17 @@ TORCH_LIBRARY_FRAGMENT(jdm_fast, m) {
       "Tensor sqrt_one_minus_alphas_cumprod, Tensor noise) -> Tensor");
   m.def(
       "q_sample_philox(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
-      "Tensor sqrt_one_minus_alphas_cumprod, int seed, int offset) -> (Tensor, Tensor)");
+      "Tensor sqrt_one_minus_alphas_cumprod, int seed, SymInt offset) -> (Tensor, Tensor)");
   m.def("eps_mse(Tensor eps_hat, Tensor noise) -> Tensor");
   m.def("eps_mse_backward(Tensor grad, Tensor eps_hat, Tensor noise) -> Tensor");
   m.def(
       "ancestral_step(Tensor x_t, Tensor eps_hat, Tensor t, Tensor sqrt_recip_alphas_cumprod, "
       "Tensor sqrt_recipm1_alphas_cumprod, Tensor posterior_mean_coef1, "
       "Tensor posterior_mean_coef2, Tensor log_variance, bool clip_denoised, Tensor? noise, "
-      "int? seed, int offset) -> Tensor");
+      "int? seed, SymInt offset) -> Tensor");
   m.def(
       "ddim_step(Tensor x_t, Tensor eps_hat, Tensor t, Tensor t_prev, Tensor alphas_cumprod, "
-      "float eta, bool clip_denoised, Tensor? noise, int? seed, int offset) -> Tensor");
+      "float eta, bool clip_denoised, Tensor? noise, int? seed, SymInt offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(jdm_fast, CPU, m) {

@@ -426,6 +426,28 @@ def test_pure_pytorch_fallback_when_the_extension_is_missing(tmp_path, diff):
     torch.testing.assert_close(got["loss"], N.eps_mse(x_t, z), rtol=1e-6, atol=0)
 
 
+def test_stream_offset_stays_symbolic_under_torch_compile(diff):
+    """The trainer's noise offset changes every step: with an ``int`` schema torch.compile
+    specialized on it and recompiled each step; as SymInt one dynamic graph serves every step."""
+    from torch._dynamo.utils import counters
+
+    a, b = diff.sqrt_alphas_cumprod.float(), diff.sqrt_one_minus_alphas_cumprod.float()
+    x, t = data((2, 1, 4, 4), torch.float32), torch.tensor([3, 700])
+
+    def step_noise(x, step):
+        x_t, z = N.q_sample_philox(x, t, a, b, 5, step * x.numel())
+        out = N.ddim_step(x_t, z, t, t - 1, diff.alphas_cumprod, 1.0, True, None, 7, step * x.numel())
+        return out + N.ancestral_step(x_t, z, t, *ancestral_args(diff, "fixed_small"), True, None, 7, step)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step_noise, backend="eager")
+    for step in range(5):
+        torch.testing.assert_close(compiled(x, step), step_noise(x, step), rtol=0, atol=0)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first, specialized one and one dynamic graph
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("clip", [True, False])
 def test_sampler_steps_propagate_nan(diff, clip):
     """A diverging model stays visible: NaN is not clipped away (as torch.clamp)."""

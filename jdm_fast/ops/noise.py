@@ -218,6 +218,13 @@ def _check_step_noise(op: str, noise, seed, offset: int, x_t: Tensor) -> None:
         _check_like(op, "noise", noise, "x_t", x_t)
 
 
+def _offset(offset) -> int | torch.SymInt:
+    """The stream offset as the op's SymInt argument: a symbolic int under torch.compile stays
+    symbolic (int() would specialize the graph on it and recompile at every training step, whose
+    offset changes every step), anything else becomes a Python int."""
+    return offset if isinstance(offset, torch.SymInt) else int(offset)
+
+
 def _seed64(seed: int) -> int:
     """A Python int seed taken modulo 2^64, as the signed int64 the op schema carries."""
     s = int(seed) & _MASK64
@@ -385,7 +392,7 @@ def q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one
     """``(x_t, noise)`` with ``noise.flatten()[i] = stream(seed)[offset + i]`` (jdm_fast.ops.philox)."""
     if _compiled():
         return torch.ops.jdm_fast.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                                                  _seed64(seed), int(offset))
+                                                  _seed64(seed), _offset(offset))
     op = "q_sample_philox"
     _check_x(op, "x0", x0)
     T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
@@ -428,7 +435,7 @@ def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cu
     if _compiled():
         return torch.ops.jdm_fast.ancestral_step(
             x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
-            posterior_mean_coef2, log_variance, bool(clip_denoised), noise, seed, int(offset))
+            posterior_mean_coef2, log_variance, bool(clip_denoised), noise, seed, _offset(offset))
     _check_x(op, "x_t", x_t)
     _check_like(op, "eps_hat", eps_hat, "x_t", x_t)
     T = _check_tables(op, x_t, sqrt_recip_alphas_cumprod=sqrt_recip_alphas_cumprod,
@@ -451,7 +458,7 @@ def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cu
     seed = None if seed is None else _seed64(seed)
     if _compiled():
         return torch.ops.jdm_fast.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised),
-                                            noise, seed, int(offset))
+                                            noise, seed, _offset(offset))
     _check_x(op, "x_t", x_t)
     _check_like(op, "eps_hat", eps_hat, "x_t", x_t)
     T = _check_tables(op, x_t, alphas_cumprod=alphas_cumprod)
