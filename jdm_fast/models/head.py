@@ -25,7 +25,19 @@ class ClassifierHead(nn.Module):
             nn.LeakyReLU(0.01), nn.Dropout(cfg.dropout), nn.BatchNorm1d(hidden), nn.Linear(hidden, cfg.num_classes),
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, dropout_masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Logits (B, K). ``dropout_masks``: one inverted-dropout mask (or None = keep all) per
+        Dropout layer, used in place of the layer's own draw (the trainer's counter-based masks)."""
         if features.dim() != 2 or features.shape[1] != self.in_features:
             raise ValueError(f"ClassifierHead: expected (B, {self.in_features}) features, got {tuple(features.shape)}")
-        return self.net(features.float())
+        h = features.float()
+        if dropout_masks is None:
+            return self.net(h)
+        masks = iter(dropout_masks)
+        for layer in self.net:
+            if isinstance(layer, nn.Dropout):
+                mask = next(masks)
+                h = h if mask is None else h * mask
+            else:
+                h = layer(h)
+        return h

@@ -177,19 +177,13 @@ class JointDiffusion(nn.Module):
             masks.append(keep.float() / (1.0 - layer.p))
         return masks
 
-    def _keyed_logits(self, enc, key: BatchKey) -> torch.Tensor:
-        """``logits(enc)`` in training mode with the head's dropout masks from :meth:`_head_dropout_masks`."""
-        h = self.unet.features(enc).float()
-        if h.dim() != 2 or h.shape[1] != self.head.in_features:
-            raise ValueError(f"ClassifierHead: expected (B, {self.head.in_features}) features, got {tuple(h.shape)}")
-        masks = iter(self._head_dropout_masks(key, h.shape[0], h.device))
-        for layer in self.head.net:
-            if isinstance(layer, nn.Dropout):
-                mask = next(masks)
-                h = h if mask is None else h * mask
-            else:
-                h = layer(h)
-        return h
+    @torch.compiler.disable  # host-side NumPy Philox and a seeded generator: one graph break, before the graph
+    def _key_draws(self, key: BatchKey, b: int, device: torch.device
+                   ) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+        """The batch's counter-based timesteps and (training mode) head-dropout masks."""
+        first = key.step * key.global_size + key.start
+        t = torch.from_numpy(counter_timesteps(key.seed, first, b, self.diffusion.num_timesteps)).to(device)
+        return t, (self._head_dropout_masks(key, b, device) if self.training else None)
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None, key: BatchKey | None = None) -> JointLoss:
@@ -213,8 +207,8 @@ class JointDiffusion(nn.Module):
             if not (0 <= key.start and key.start + b <= key.global_size):
                 raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
                                  f"batch of {key.global_size}")
+            t, masks = self._key_draws(key, b, x0.device)
             first = key.step * key.global_size + key.start
-            t = self._counter_timesteps(key.seed, first, b, x0.device)
             x_t, noise = self.diffusion.q_sample_philox(x0, t, key.seed, first * x0[0].numel())
             labelled_total, scale = key.labelled, key.global_size / b
         else:
@@ -229,18 +223,12 @@ class JointDiffusion(nn.Module):
             diffusion_loss = noise_ops.eps_mse(eps_hat, noise)  # fused, float32 accumulation
         else:
             diffusion_loss = F.mse_loss(eps_hat.float(), noise.float())
-        keyed = key is not None and self.training
         if self.config.classifier_input == "xt":
             cls_enc = enc
         else:
             x_cls = self.augment(x0) if (self.augment is not None and self.training) else x0
             cls_enc = self.unet.encode(x_cls, torch.zeros(b, dtype=torch.long, device=x0.device))
-        logits = self._keyed_logits(cls_enc, key) if keyed else self.logits(cls_enc)
+        logits = self.logits(cls_enc) if key is None else self.head(self.unet.features(cls_enc), masks)
         cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
         total = diffusion_loss + self.config.classifier_weight * cls_loss
         return JointLoss(total, diffusion_loss, cls_loss, correct, labelled)
-
-    @torch.compiler.disable  # host-side NumPy Philox: a graph break under torch.compile
-    def _counter_timesteps(self, seed: int, first: int, n: int, device: torch.device) -> torch.Tensor:
-        t = torch.from_numpy(counter_timesteps(seed, first, n, self.diffusion.num_timesteps))
-        return t.to(device, non_blocking=True)
