@@ -35,6 +35,7 @@ import torch
 
 from .augment import AugmentConfig, sample_augment_params
 from .datasets import DatasetError, ImageDataset, _read_image
+from .loaders import augment_generator
 
 __all__ = ["DALI_PACKAGE", "DaliEpochs", "dali_unavailable_reason"]
 
@@ -95,11 +96,7 @@ class DaliEpochs:
         inputs = [data, self.dataset.labels[idx]]
         cfg = self.cfg
         if cfg is not None:
-            from .loaders import _AUG_TAG, derive_seed  # (loaders imports us lazily)
-
-            g = torch.Generator().manual_seed(
-                derive_seed(self.seed, epoch, batch_index, self.shard_index, _AUG_TAG)
-            )
+            g = augment_generator(self.seed, epoch, batch_index, self.shard_index)
             p = sample_augment_params(cfg, len(idx), g)
             if p.flip is not None:
                 inputs.append(p.flip.numpy().astype(np.int32))

@@ -69,6 +69,15 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+def augment_generator(seed: int, epoch: int, batch_index: int, shard_index: int,
+                      device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a batch's augmentation draws: a function of (seed, epoch, batch, shard), so
+    every backend draws the same flips/offsets/jitter for the same batch and skipping is exact."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, epoch, batch_index, shard_index, _AUG_TAG))
+    return generator
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The global sample order of one epoch: int64 CPU tensor, a permutation of ``range(n)``."""
     generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, epoch, _PERM_TAG))
@@ -247,10 +256,7 @@ class BatchLoader:
         """uint8 NHWC on the device -> float32 NCHW in [-1, 1], augmented."""
         x = images.permute(0, 3, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)
         if self.augment_config is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(
-                derive_seed(self.seed, epoch, batch_index, self.shard_index, _AUG_TAG)
-            )
+            generator = augment_generator(self.seed, epoch, batch_index, self.shard_index, self.device)
             x = apply_augment(x, self.augment_config, generator)
         return self._layout(x)
 
