@@ -21,7 +21,7 @@ from jdm_fast.ops.philox import normal_stream, philox4x32_10
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPS = ["q_sample", "q_sample_philox", "eps_mse", "eps_mse_backward", "ancestral_step", "ddim_step"]
+OPS = N.OPS
 
 
 def tol(dtype):

@@ -44,7 +44,6 @@ import os
 import warnings
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,7 +93,7 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
 
 def _philox_noise(seed: int, offset: int, like: Tensor) -> Tensor:
     z = normal_stream(int(seed) & _MASK64, int(offset), like.numel())
-    return torch.from_numpy(np.ascontiguousarray(z)).reshape(like.shape).to(like.device, like.dtype)
+    return torch.from_numpy(z).reshape(like.shape).to(like.device, like.dtype)
 
 
 class reference:  # noqa: N801 - a namespace of functions
@@ -315,14 +314,14 @@ def _q_sample_setup(ctx, inputs, output):
     ctx.save_for_backward(t, a, b)
 
 
-def _scaled(grad: Tensor, table: Tensor, t: Tensor, like_dtype: torch.dtype) -> Tensor:
-    return (_bcast(_coef(table, t), grad) * grad.float()).to(like_dtype)
+def _scaled(grad: Tensor, table: Tensor, t: Tensor) -> Tensor:
+    return (_bcast(_coef(table, t), grad) * grad.float()).to(grad.dtype)
 
 
 def _q_sample_backward(ctx, grad):
     t, a, b = ctx.saved_tensors
-    gx = _scaled(grad, a, t, grad.dtype) if ctx.needs_input_grad[0] else None
-    gn = _scaled(grad, b, t, grad.dtype) if ctx.needs_input_grad[4] else None
+    gx = _scaled(grad, a, t) if ctx.needs_input_grad[0] else None
+    gn = _scaled(grad, b, t) if ctx.needs_input_grad[4] else None
     return gx, None, None, None, gn
 
 
@@ -331,7 +330,7 @@ torch.library.register_autograd("jdm_fast::q_sample", _q_sample_backward, setup_
 
 def _q_sample_philox_backward(ctx, grad_xt, grad_noise):
     t, a, _ = ctx.saved_tensors
-    gx = _scaled(grad_xt, a, t, grad_xt.dtype) if ctx.needs_input_grad[0] else None
+    gx = _scaled(grad_xt, a, t) if ctx.needs_input_grad[0] else None
     return gx, None, None, None, None, None
 
 
