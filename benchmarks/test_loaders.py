@@ -64,17 +64,11 @@ def _best_seconds(runs, rounds: int = 3) -> list[float]:
     return best
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (this machine has none)")
-    return torch.device(name)
-
-
-@pytest.mark.parametrize("device_name", ["cpu", "cuda"])
+@pytest.mark.parametrize("device_name", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dataset", ["digits", "cifar_like"])
 @pytest.mark.parametrize("backend", ["tensor", "torch", "dali"])
 def test_loader_throughput(benchmark, backend, dataset, device_name):
-    device = _device(device_name)
+    device = torch.device(device_name)
     if backend == "dali" and dali_unavailable_reason() is not None:
         pytest.skip(dali_unavailable_reason())
     ds = _dataset(dataset)

@@ -37,11 +37,11 @@ def _run(benchmark, variant, preset, batch, device, compile_ok, rounds, warmup):
     step = tb.make_step(model, precision, compile, device)
 
     def run():
-        step(x, y)
+        loss = step(x, y)
         tb.synchronize(device)
+        return loss
 
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    loss = step(x, y)
+    loss = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)  # the last round's loss
     assert torch.isfinite(loss), f"{variant}: non-finite loss {loss}"
     ips = batch / benchmark.stats.stats.mean
     case = f"{preset}/{device.type}/{batch}"
