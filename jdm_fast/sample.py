@@ -52,7 +52,7 @@ from jdm_fast.generation import (
     head_probabilities,
     load_joint_model,
 )
-from jdm_fast.training.images import save_grid, to_uint8
+from jdm_fast.training.images import from_uint8, save_grid, to_uint8
 
 DEFAULTS = SampleSettings()
 
@@ -224,7 +224,7 @@ def _run_counterfactuals(args, lm, steps, sampler, g, out: Path, log) -> dict:
         test = load_dataset(lm.dataset, "test", lm.data_dir)
         idx = np.random.default_rng(args.seed).permutation(len(test))[:args.num]
         imgs, labels = test.images[idx], torch.from_numpy(test.labels[idx]).long()
-    x0 = torch.from_numpy(imgs).to(lm.model.unet.input_conv.weight.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = from_uint8(imgs, lm.model.unet.input_conv.weight.device)
     before = head_probabilities(model, x0).argmax(dim=1).cpu()
     source = labels if labels is not None else before
     if args.cls is not None:

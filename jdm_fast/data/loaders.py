@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jdm_fast.training.images import from_uint8
+
 from .augment import AugmentConfig, apply_augment, default_augment
 from .datasets import ImageDataset, load_dataset
 
@@ -254,7 +256,7 @@ class BatchLoader:
 
     def _finish(self, images: torch.Tensor, epoch: int, batch_index: int) -> torch.Tensor:
         """uint8 NHWC on the device -> float32 NCHW in [-1, 1], augmented."""
-        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)
+        x = from_uint8(images)
         if self.augment_config is not None:
             generator = augment_generator(self.seed, epoch, batch_index, self.shard_index, self.device)
             x = apply_augment(x, self.augment_config, generator)

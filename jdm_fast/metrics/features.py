@@ -23,15 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jdm_fast.training.images import from_uint8
+
 FEATURE_CLASSIFIER_NAME = "feature_classifier.pt"
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1]."""
-    a = np.asarray(images)
-    if a.dtype != np.uint8 or a.ndim != 4:
-        raise ValueError(f"images must be uint8 (N, H, W, C), got {a.dtype} with shape {a.shape}")
-    return torch.from_numpy(a).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1] (jdm_fast.training.images.from_uint8)."""
+    return from_uint8(images, device)
 
 
 @dataclass(frozen=True)

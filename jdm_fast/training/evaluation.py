@@ -7,6 +7,7 @@ from jdm_fast.data import ImageDataset
 from jdm_fast.diffusion import make_generator, sample_ancestral, sample_ddim
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training.distributed import Dist
+from jdm_fast.training.images import from_uint8
 
 SAMPLERS = ("ancestral", "ddim")
 
@@ -27,7 +28,7 @@ def test_accuracy(model: JointDiffusion, dataset: ImageDataset, device: torch.de
     labels = torch.from_numpy(dataset.labels)
     for i in range(lo, hi, batch_size):
         j = min(i + batch_size, hi)
-        x = images[i:j].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = from_uint8(images[i:j], device)
         y = labels[i:j].to(device)
         correct += (model.classify(x).argmax(dim=1) == y).sum()
     if dist is not None:

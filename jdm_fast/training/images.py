@@ -9,6 +9,17 @@ import torch
 from PIL import Image
 
 
+def from_uint8(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """(N, H, W, C) uint8 images (NumPy or torch) -> float32 (N, C, H, W) in [-1, 1]
+    (``uint8 / 127.5 - 1``, exact at 0 and 255) on ``device`` (default: where they are)."""
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if t.dtype != torch.uint8 or t.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, H, W, C), got {t.dtype} with shape {tuple(t.shape)}")
+    if device is not None:
+        t = t.to(device)
+    return t.permute(0, 3, 1, 2).to(torch.float32).div_(127.5).sub_(1.0)  # .to(float32) made a new tensor
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 (values outside [-1, 1] saturate, as in any image writer)."""
     x = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
