@@ -41,6 +41,27 @@ def _check_batch(x: torch.Tensor, generator: torch.Generator | None) -> None:
             raise ValueError(f"generator is on {g} but x is on {x.device}; they must match")
 
 
+def check_reflect_pad(pad: int, padding_mode: str, h: int, w: int) -> None:
+    """Reflect padding mirrors pixels inside the image, so it needs ``pad`` < H, W."""
+    if padding_mode == "reflect" and pad >= min(h, w):
+        raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
+
+
+def _draw_flips(n: int, generator, device, p: float = 0.5) -> torch.Tensor:
+    return torch.rand(n, generator=generator, device=device) < p
+
+
+def _draw_offsets(n: int, pad: int, generator, device) -> torch.Tensor:
+    return torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=device)
+
+
+def _draw_jitter(n: int, brightness: float, contrast: float, generator, device, dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample additive shift and contrast scale from one (N, 2) uniform draw in [-1, 1]."""
+    u = torch.rand(n, 2, generator=generator, device=device, dtype=dtype) * 2 - 1
+    return 2 * brightness * u[:, 0], 1 + contrast * u[:, 1]
+
+
 def random_flip(
     x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5
 ) -> torch.Tensor:
@@ -48,8 +69,7 @@ def random_flip(
     _check_batch(x, generator)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
-    return _flip_with(x, flip)
+    return _flip_with(x, _draw_flips(x.shape[0], generator, x.device, p))
 
 
 def _flip_with(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -74,13 +94,10 @@ def random_translate(
         raise ValueError(f"pad must be a non-negative int, got {pad!r}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    n, c, h, w = x.shape
-    if padding_mode == "reflect" and pad >= min(h, w):
-        raise ValueError(f"reflect padding needs pad < image size, got pad={pad} for {h}x{w}")
+    check_reflect_pad(pad, padding_mode, *x.shape[2:])
     if pad == 0:
         return x
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=x.device)
-    return _translate_with(x, pad, offsets, padding_mode)
+    return _translate_with(x, pad, _draw_offsets(x.shape[0], pad, generator, x.device), padding_mode)
 
 
 def _translate_with(
@@ -117,16 +134,8 @@ def color_jitter(
         )
     if brightness == 0 and contrast == 0:
         return x
-    u = torch.rand(x.shape[0], 2, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-    shift, scale = _jitter_shift_scale(u, brightness, contrast)
+    shift, scale = _draw_jitter(x.shape[0], brightness, contrast, generator, x.device, x.dtype)
     return _jitter_with(x, shift, scale)
-
-
-def _jitter_shift_scale(
-    u: torch.Tensor, brightness: float, contrast: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample additive shift and contrast scale from draws ``u`` in [-1, 1], shape (N, 2)."""
-    return 2 * brightness * u[:, 0], 1 + contrast * u[:, 1]
 
 
 def _jitter_with(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -170,11 +179,8 @@ def apply_augment(
 ) -> torch.Tensor:
     """Apply the augmentations ``cfg`` enables, all drawing from ``generator`` in a fixed order."""
     _check_batch(x, generator)
-    if cfg.pad > 0 and cfg.padding_mode == "reflect" and cfg.pad >= min(x.shape[2:]):
-        raise ValueError(
-            f"reflect padding needs pad < image size, got pad={cfg.pad} for "
-            f"{x.shape[2]}x{x.shape[3]}"
-        )
+    if cfg.pad > 0:
+        check_reflect_pad(cfg.pad, cfg.padding_mode, *x.shape[2:])
     params = sample_augment_params(cfg, x.shape[0], generator, x.device, x.dtype)
     if params.flip is not None:
         x = _flip_with(x, params.flip)
@@ -211,21 +217,20 @@ def sample_augment_params(
 ) -> AugmentParams:
     """Draw the parameters :func:`apply_augment` uses for a batch of ``n`` samples.
 
-    Draws exactly what ``random_flip``, ``random_translate`` and ``color_jitter`` draw, in the
-    same order, so ``apply_augment(x, cfg, g)`` equals applying ``sample_augment_params(cfg,
-    len(x), g')`` for a generator ``g'`` in the same state. Pipelines that cannot run torch ops
+    Draws exactly what ``random_flip``, ``random_translate`` and ``color_jitter`` draw (the same
+    ``_draw_*`` helpers), in the same order, so ``apply_augment(x, cfg, g)`` equals applying
+    ``sample_augment_params(cfg, len(x), g')`` for a generator ``g'`` in the same state. Pipelines that cannot run torch ops
     (DALI) take their flips, crop offsets and jitter from here.
     """
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     flip = offsets = shift = scale = None
     if cfg.flip:
-        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        flip = _draw_flips(n, generator, device)
     if cfg.pad > 0:
-        offsets = torch.randint(0, 2 * cfg.pad + 1, (n, 2), generator=generator, device=device)
+        offsets = _draw_offsets(n, cfg.pad, generator, device)
     if cfg.brightness > 0 or cfg.contrast > 0:
-        u = torch.rand(n, 2, generator=generator, device=device, dtype=dtype) * 2 - 1
-        shift, scale = _jitter_shift_scale(u, cfg.brightness, cfg.contrast)
+        shift, scale = _draw_jitter(n, cfg.brightness, cfg.contrast, generator, device, dtype)
     return AugmentParams(flip, offsets, shift, scale)
 
 

@@ -34,7 +34,7 @@ import torch
 
 from jdm_fast.training.images import from_uint8
 
-from .augment import AugmentConfig, apply_augment, default_augment
+from .augment import AugmentConfig, apply_augment, check_reflect_pad, default_augment
 from .datasets import ImageDataset, load_dataset
 
 __all__ = [
@@ -382,12 +382,7 @@ def build_loader(
     config = None
     if augment:
         config = augment_config if augment_config is not None else default_augment(dataset.name)
-        h, w = dataset.images.shape[1:3]
-        if config.padding_mode == "reflect" and config.pad >= min(h, w):
-            raise ValueError(
-                f"augment pad={config.pad} with reflect padding needs images larger than "
-                f"{config.pad} pixels, got {h}x{w}"
-            )
+        check_reflect_pad(config.pad, config.padding_mode, *dataset.images.shape[1:3])
         config = config if config.enabled else None
     device = _resolve_device(device)
     if backend == "auto":
