@@ -77,6 +77,31 @@ inline void check_offset(const char* op, int64_t offset) {
   TORCH_CHECK_VALUE(offset >= 0, op, ": offset must be >= 0, got ", offset);
 }
 
+// The keyed ops' first_example: a one-element int64 tensor on `device` (its value, the global
+// index of the batch's first example, is read by the kernels; CUDA asserts it is >= 0).
+inline void check_first_example(const char* op, const at::Tensor& first, const c10::Device& device) {
+  TORCH_CHECK_TYPE(first.scalar_type() == at::kLong, op, ": first_example must be an int64 tensor, got ",
+                   first.scalar_type());
+  TORCH_CHECK_VALUE(first.numel() == 1, op, ": first_example must hold one value, got shape ", first.sizes());
+  TORCH_CHECK_VALUE(first.device() == device, op, ": first_example is on ", first.device(),
+                    " but the data is on ", device);
+  if (first.device().is_cpu()) {
+    const int64_t f = first.reshape({}).item<int64_t>();
+    TORCH_CHECK_VALUE(f >= 0, op, ": first_example must be >= 0, got ", f);
+  }
+}
+
+inline void check_counter_args(const char* op, const at::Tensor& first, int64_t n, int64_t size,
+                               const char* size_name) {
+  check_first_example(op, first, first.device());
+  TORCH_CHECK_VALUE(n >= 0, op, ": n must be >= 0, got ", n);
+  TORCH_CHECK_VALUE(size >= 1, op, ": ", size_name, " must be >= 1, got ", size);
+}
+
+inline void check_tag(const char* op, int64_t tag) {
+  TORCH_CHECK_VALUE(tag >= 0 && tag <= 0xFFFFFFFFLL, op, ": tag must be in [0, 2^32), got ", tag);
+}
+
 // Elements per example of x (numel / batch); x has batch >= 1 when called.
 inline int64_t per_example(const at::Tensor& x) { return x.size(0) == 0 ? 0 : x.numel() / x.size(0); }
 

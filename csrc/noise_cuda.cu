@@ -123,13 +123,19 @@ int launch_q_sample(Launch l, const void* x0, const void* noise, void* out, cons
 }
 
 // Thread k of a Philox kernel owns stream block first_block + k, i.e. flat elements
-// j = 4 * (first_block + k) + lane - offset that fall in [0, n).
+// j = 4 * (first_block + k) + lane - offset that fall in [0, n). With `first_example` (the keyed
+// form), offset = *first_example * per is read on the device: the host never needs its value.
 template <typename T, typename TabT, bool VEC4>
 __global__ void q_sample_philox_kernel(const T* __restrict__ x0, T* __restrict__ out,
                                        T* __restrict__ zout, const int64_t* __restrict__ t,
                                        const TabT* __restrict__ a, const TabT* __restrict__ b,
                                        int64_t T_, int64_t n, int64_t per, uint64_t seed,
-                                       uint64_t offset) {
+                                       uint64_t offset, const int64_t* __restrict__ first_example) {
+  if (first_example != nullptr) {
+    const int64_t f = *first_example;
+    assert(f >= 0 && "jdm_fast: the first example index must be >= 0");
+    offset = static_cast<uint64_t>(f) * static_cast<uint64_t>(per);
+  }
   const uint64_t first = offset / 4;
   const uint64_t blocks = (offset + static_cast<uint64_t>(n) + 3) / 4 - first;
   for (uint64_t k = thread_id(); k < blocks; k += thread_stride()) {
@@ -167,23 +173,58 @@ __global__ void q_sample_philox_kernel(const T* __restrict__ x0, T* __restrict__
 template <typename T, typename TabT>
 int launch_q_sample_philox(Launch l, const void* x0, void* out, void* zout, const int64_t* t,
                            const void* a, const void* b, int64_t T_len, int64_t n, int64_t per,
-                           uint64_t seed, uint64_t offset) {
+                           uint64_t seed, uint64_t offset, const int64_t* first_example) {
   const auto s = static_cast<cudaStream_t>(l.stream);
   const int bytes = 4 * static_cast<int>(sizeof(T));
-  const bool vec = offset % 4 == 0 && per % 4 == 0 && aligned(x0, bytes) && aligned(out, bytes) &&
-                   aligned(zout, bytes);
-  const int64_t blocks = static_cast<int64_t>((offset + n + 3) / 4 - offset / 4);
+  // Keyed: offset = first * per is a multiple of 4 whenever per is; the block count is at most
+  // one more than for an aligned offset (the kernel stops at its own bound).
+  const bool vec = (first_example != nullptr || offset % 4 == 0) && per % 4 == 0 &&
+                   aligned(x0, bytes) && aligned(out, bytes) && aligned(zout, bytes);
+  const int64_t blocks = first_example != nullptr
+                             ? (n + 3) / 4 + 1
+                             : static_cast<int64_t>((offset + n + 3) / 4 - offset / 4);
   const int grid = grid_for(blocks, l.max_blocks);
   if (vec) {
     q_sample_philox_kernel<T, TabT, true><<<grid, kThreads, 0, s>>>(
         static_cast<const T*>(x0), static_cast<T*>(out), static_cast<T*>(zout), t,
-        static_cast<const TabT*>(a), static_cast<const TabT*>(b), T_len, n, per, seed, offset);
+        static_cast<const TabT*>(a), static_cast<const TabT*>(b), T_len, n, per, seed, offset,
+        first_example);
   } else {
     q_sample_philox_kernel<T, TabT, false><<<grid, kThreads, 0, s>>>(
         static_cast<const T*>(x0), static_cast<T*>(out), static_cast<T*>(zout), t,
-        static_cast<const TabT*>(a), static_cast<const TabT*>(b), T_len, n, per, seed, offset);
+        static_cast<const TabT*>(a), static_cast<const TabT*>(b), T_len, n, per, seed, offset,
+        first_example);
   }
   return finish();
+}
+
+// ------------------------------------------------------------------------------ counter draws
+// Row i is global example g = *first + i (read on the device).
+__global__ void counter_timesteps_kernel(const int64_t* __restrict__ first, uint64_t seed, int64_t n,
+                                         uint64_t T_, int64_t* __restrict__ out) {
+  const int64_t f = *first;
+  assert(f >= 0 && "jdm_fast: the first example index must be >= 0");
+  for (int64_t i = thread_id(); i < n; i += thread_stride()) {
+    out[i] = counter_timestep(seed, static_cast<uint64_t>(f + i), T_);
+  }
+}
+
+// Thread k owns row k / blocks_per_row, columns 4 * (k % blocks_per_row) .. + 3.
+__global__ void counter_uniform_kernel(const int64_t* __restrict__ first, uint64_t seed, uint32_t tag,
+                                       int64_t n, int64_t width, float* __restrict__ out) {
+  const int64_t f = *first;
+  assert(f >= 0 && "jdm_fast: the first example index must be >= 0");
+  const int64_t per_row = (width + 3) / 4;
+  for (int64_t k = thread_id(); k < n * per_row; k += thread_stride()) {
+    const int64_t i = k / per_row, q = k % per_row;
+    float u[4];
+    counter_uniform4(seed, static_cast<uint64_t>(f + i), tag, static_cast<uint32_t>(q), u);
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t j = 4 * q + lane;
+      if (j < width) out[i * width + j] = u[lane];
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------ eps_mse
@@ -400,11 +441,26 @@ int q_sample(Launch l, int dtype, const void* x0, const void* noise, void* out, 
 
 int q_sample_philox(Launch l, int dtype, const void* x0, void* out, void* noise_out,
                     const int64_t* t, Table a, Table b, int64_t T, int64_t n, int64_t per,
-                    uint64_t seed, uint64_t offset) {
+                    uint64_t seed, uint64_t offset, const int64_t* first_example) {
   return dispatch(dtype, a.f64, [&](auto x, auto tab) {
     return launch_q_sample_philox<decltype(x), decltype(tab)>(l, x0, out, noise_out, t, a.ptr,
-                                                              b.ptr, T, n, per, seed, offset);
+                                                              b.ptr, T, n, per, seed, offset,
+                                                              first_example);
   });
+}
+
+int counter_timesteps(Launch l, const int64_t* first, uint64_t seed, int64_t n, int64_t T,
+                      int64_t* out) {
+  counter_timesteps_kernel<<<grid_for(n, l.max_blocks), kThreads, 0, static_cast<cudaStream_t>(l.stream)>>>(
+      first, seed, n, static_cast<uint64_t>(T), out);
+  return finish();
+}
+
+int counter_uniform(Launch l, const int64_t* first, uint64_t seed, uint32_t tag, int64_t n,
+                    int64_t width, float* out) {
+  counter_uniform_kernel<<<grid_for(n * ((width + 3) / 4), l.max_blocks), kThreads, 0,
+                           static_cast<cudaStream_t>(l.stream)>>>(first, seed, tag, n, width, out);
+  return finish();
 }
 
 int eps_mse_num_partials(int64_t n) {

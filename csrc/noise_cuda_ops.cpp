@@ -64,14 +64,14 @@ at::Tensor q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t_in, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
+// The keyed form passes the device pointer of `first_example` (its value never reaches the host).
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_impl(const char* op, const at::Tensor& x0_in,
                                                         const at::Tensor& t_in,
                                                         const at::Tensor& a_in,
                                                         const at::Tensor& b_in, int64_t seed,
-                                                        int64_t offset) {
-  const char* op = "jdm_fast::q_sample_philox";
+                                                        int64_t offset,
+                                                        const at::Tensor* first_example) {
   const int64_t T = check_q_sample_args(op, x0_in, t_in, a_in, b_in);
-  check_offset(op, offset);
   c10::cuda::CUDAGuard guard(x0_in.device());
   const auto td = table_dtype({&a_in, &b_in});
   const auto x0 = x0_in.contiguous(), t = t_in.contiguous();
@@ -82,8 +82,51 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0_in,
   check(k::q_sample_philox(launch_config(), dtype_code(x0.scalar_type()), x0.data_ptr(),
                            out.data_ptr(), noise.data_ptr(), t.data_ptr<int64_t>(), table(a),
                            table(b), T, x0.numel(), per_example(x0), static_cast<uint64_t>(seed),
-                           static_cast<uint64_t>(offset)));
+                           static_cast<uint64_t>(offset),
+                           first_example ? first_example->data_ptr<int64_t>() : nullptr));
   return {out, noise};
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cuda(const at::Tensor& x0, const at::Tensor& t,
+                                                        const at::Tensor& a, const at::Tensor& b,
+                                                        int64_t seed, int64_t offset) {
+  const char* op = "jdm_fast::q_sample_philox";
+  check_offset(op, offset);
+  return q_sample_philox_impl(op, x0, t, a, b, seed, offset, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_keyed_cuda(const at::Tensor& x0, const at::Tensor& t,
+                                                       const at::Tensor& a, const at::Tensor& b,
+                                                       int64_t seed, const at::Tensor& first_example) {
+  const char* op = "jdm_fast::q_sample_keyed";
+  check_first_example(op, first_example, x0.device());
+  return q_sample_philox_impl(op, x0, t, a, b, seed, 0, &first_example);
+}
+
+at::Tensor counter_timesteps_cuda(const at::Tensor& first_example, int64_t seed, int64_t n,
+                                  int64_t num_timesteps) {
+  const char* op = "jdm_fast::counter_timesteps";
+  check_counter_args(op, first_example, n, num_timesteps, "num_timesteps");
+  c10::cuda::CUDAGuard guard(first_example.device());
+  auto out = at::empty({n}, first_example.options());
+  if (n == 0) return out;
+  check(k::counter_timesteps(launch_config(), first_example.data_ptr<int64_t>(),
+                             static_cast<uint64_t>(seed), n, num_timesteps, out.data_ptr<int64_t>()));
+  return out;
+}
+
+at::Tensor counter_uniform_cuda(const at::Tensor& first_example, int64_t seed, int64_t tag, int64_t n,
+                                int64_t width) {
+  const char* op = "jdm_fast::counter_uniform";
+  check_counter_args(op, first_example, n, width, "width");
+  check_tag(op, tag);
+  c10::cuda::CUDAGuard guard(first_example.device());
+  auto out = at::empty({n, width}, first_example.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  check(k::counter_uniform(launch_config(), first_example.data_ptr<int64_t>(),
+                           static_cast<uint64_t>(seed), static_cast<uint32_t>(tag), n, width,
+                           out.data_ptr<float>()));
+  return out;
 }
 
 at::Tensor eps_mse_cuda(const at::Tensor& eps_in, const at::Tensor& noise_in) {
@@ -173,6 +216,9 @@ at::Tensor ddim_step_cuda(const at::Tensor& x_in, const at::Tensor& eps_in, cons
 TORCH_LIBRARY_IMPL(jdm_fast, CUDA, m) {
   m.impl("q_sample", &q_sample_cuda);
   m.impl("q_sample_philox", &q_sample_philox_cuda);
+  m.impl("q_sample_keyed", &q_sample_keyed_cuda);
+  m.impl("counter_timesteps", &counter_timesteps_cuda);
+  m.impl("counter_uniform", &counter_uniform_cuda);
   m.impl("eps_mse", &eps_mse_cuda);
   m.impl("eps_mse_backward", &eps_mse_backward_cuda);
   m.impl("ancestral_step", &ancestral_step_cuda);

@@ -26,9 +26,17 @@ struct Launch {
 int q_sample(Launch l, int dtype, const void* x0, const void* noise, void* out, const int64_t* t,
              Table a, Table b, int64_t T, int64_t n, int64_t per_example);
 
+// first_example == nullptr: the stream offset is `offset`; else it is *first_example * per_example,
+// read on the device (the keyed form, q_sample_keyed).
 int q_sample_philox(Launch l, int dtype, const void* x0, void* out, void* noise_out,
                     const int64_t* t, Table a, Table b, int64_t T, int64_t n, int64_t per_example,
-                    uint64_t seed, uint64_t offset);
+                    uint64_t seed, uint64_t offset, const int64_t* first_example);
+
+// Counter-based draws of rows first .. first + n - 1 (*first read on the device; philox.h).
+int counter_timesteps(Launch l, const int64_t* first, uint64_t seed, int64_t n, int64_t T,
+                      int64_t* out);
+int counter_uniform(Launch l, const int64_t* first, uint64_t seed, uint32_t tag, int64_t n,
+                    int64_t width, float* out);
 
 // Deterministic two-pass mean of squared differences: `partials` holds
 // eps_mse_num_partials(n) floats; out is one float.

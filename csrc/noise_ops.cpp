@@ -93,12 +93,11 @@ at::Tensor q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t_in, const a
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in,
-                                                       const at::Tensor& t_in,
-                                                       const at::Tensor& a_in,
-                                                       const at::Tensor& b_in, int64_t seed,
-                                                       int64_t offset) {
-  const char* op = "jdm_fast::q_sample_philox";
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_impl(const char* op, const at::Tensor& x0_in,
+                                                        const at::Tensor& t_in,
+                                                        const at::Tensor& a_in,
+                                                        const at::Tensor& b_in, int64_t seed,
+                                                        int64_t offset) {
   const int64_t T = check_q_sample_args(op, x0_in, t_in, a_in, b_in);
   check_offset(op, offset);
   const auto x0 = x0_in.contiguous(), t = t_in.contiguous();
@@ -136,6 +135,59 @@ std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0_in,
     });
   });
   return {out, noise};
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_philox_cpu(const at::Tensor& x0, const at::Tensor& t,
+                                                       const at::Tensor& a, const at::Tensor& b,
+                                                       int64_t seed, int64_t offset) {
+  return q_sample_philox_impl("jdm_fast::q_sample_philox", x0, t, a, b, seed, offset);
+}
+
+// The keyed form: stream offset first_example * per_example (first_example is a CPU tensor here).
+std::tuple<at::Tensor, at::Tensor> q_sample_keyed_cpu(const at::Tensor& x0, const at::Tensor& t,
+                                                      const at::Tensor& a, const at::Tensor& b,
+                                                      int64_t seed, const at::Tensor& first_example) {
+  const char* op = "jdm_fast::q_sample_keyed";
+  check_first_example(op, first_example, x0.device());
+  check_x(op, "x0", x0);
+  const int64_t first = first_example.reshape({}).item<int64_t>();
+  return q_sample_philox_impl(op, x0, t, a, b, seed, first * per_example(x0));
+}
+
+// ------------------------------------------------------------------------------ counter draws
+at::Tensor counter_timesteps_cpu(const at::Tensor& first_example, int64_t seed, int64_t n,
+                                 int64_t num_timesteps) {
+  check_counter_args("jdm_fast::counter_timesteps", first_example, n, num_timesteps, "num_timesteps");
+  const uint64_t first = static_cast<uint64_t>(first_example.reshape({}).item<int64_t>());
+  auto out = at::empty({n}, first_example.options());
+  int64_t* op_ = out.data_ptr<int64_t>();
+  const uint64_t useed = static_cast<uint64_t>(seed), T = static_cast<uint64_t>(num_timesteps);
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) op_[i] = counter_timestep(useed, first + i, T);
+  });
+  return out;
+}
+
+at::Tensor counter_uniform_cpu(const at::Tensor& first_example, int64_t seed, int64_t tag, int64_t n,
+                               int64_t width) {
+  const char* op = "jdm_fast::counter_uniform";
+  check_counter_args(op, first_example, n, width, "width");
+  check_tag(op, tag);
+  const uint64_t first = static_cast<uint64_t>(first_example.reshape({}).item<int64_t>());
+  auto out = at::empty({n, width}, first_example.options().dtype(at::kFloat));
+  float* op_ = out.data_ptr<float>();
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const int64_t per_row = (width + 3) / 4;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t q = 0; q < per_row; ++q) {
+        float u[4];
+        counter_uniform4(useed, first + i, static_cast<uint32_t>(tag), static_cast<uint32_t>(q), u);
+        for (int64_t j = 4 * q; j < std::min(width, 4 * q + 4); ++j) op_[i * width + j] = u[j - 4 * q];
+      }
+    }
+  });
+  return out;
 }
 
 // ------------------------------------------------------------------------------------ eps_mse
@@ -356,6 +408,11 @@ TORCH_LIBRARY_FRAGMENT(jdm_fast, m) {
   m.def(
       "q_sample_philox(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
       "Tensor sqrt_one_minus_alphas_cumprod, int seed, SymInt offset) -> (Tensor, Tensor)");
+  m.def(
+      "q_sample_keyed(Tensor x0, Tensor t, Tensor sqrt_alphas_cumprod, "
+      "Tensor sqrt_one_minus_alphas_cumprod, int seed, Tensor first_example) -> (Tensor, Tensor)");
+  m.def("counter_timesteps(Tensor first_example, int seed, SymInt n, int num_timesteps) -> Tensor");
+  m.def("counter_uniform(Tensor first_example, int seed, int tag, SymInt n, SymInt width) -> Tensor");
   m.def("eps_mse(Tensor eps_hat, Tensor noise) -> Tensor");
   m.def("eps_mse_backward(Tensor grad, Tensor eps_hat, Tensor noise) -> Tensor");
   m.def(
@@ -371,6 +428,9 @@ TORCH_LIBRARY_FRAGMENT(jdm_fast, m) {
 TORCH_LIBRARY_IMPL(jdm_fast, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
   m.impl("q_sample_philox", &q_sample_philox_cpu);
+  m.impl("q_sample_keyed", &q_sample_keyed_cpu);
+  m.impl("counter_timesteps", &counter_timesteps_cpu);
+  m.impl("counter_uniform", &counter_uniform_cpu);
   m.impl("eps_mse", &eps_mse_cpu);
   m.impl("eps_mse_backward", &eps_mse_backward_cpu);
   m.impl("ancestral_step", &ancestral_step_cpu);

@@ -86,3 +86,30 @@ JDM_UNROLL
 }
 
 }  // namespace jdm_fast
+
+namespace jdm_fast {
+
+// Counter-based draws keyed by (seed, global example index g, tag), documented with their NumPy
+// reference in jdm_fast/ops/philox.py. Counter word 2 holds a tag that keeps these streams apart
+// from each other and from the Gaussian stream above (word 2 = 0).
+constexpr uint32_t kTimestepTag = 0x54494D45u;  // "TIME"
+
+// Timestep of global example g: ((r0 << 32) | r1) mod T of Philox at counter (g, TIME, 0).
+JDM_HD int64_t counter_timestep(uint64_t seed, uint64_t g, uint64_t T) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32),
+                                  kTimestepTag, 0u, static_cast<uint32_t>(seed),
+                                  static_cast<uint32_t>(seed >> 32));
+  return static_cast<int64_t>(((static_cast<uint64_t>(r.x[0]) << 32) | r.x[1]) % T);
+}
+
+// Uniforms (float32 in [0, 1), multiples of 2^-24) of row g, columns 4q .. 4q + 3, for `tag`:
+// lane k of Philox at counter (g, tag, q), top 24 bits.
+JDM_HD void counter_uniform4(uint64_t seed, uint64_t g, uint32_t tag, uint32_t q, float out[4]) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), tag,
+                                  q, static_cast<uint32_t>(seed),
+                                  static_cast<uint32_t>(seed >> 32));
+JDM_UNROLL
+  for (int k = 0; k < 4; ++k) out[k] = static_cast<float>(r.x[k] >> 8) * 5.9604644775390625e-08f;
+}
+
+}  // namespace jdm_fast

@@ -322,13 +322,17 @@ def _sample_args(diff):
     return {
         "q_sample": (x.clone().requires_grad_(), t, a, b, e),
         "q_sample_philox": (x.clone().requires_grad_(), t, a, b, 3, 4),
+        "q_sample_keyed": (x.clone().requires_grad_(), t, a, b, 3, torch.tensor(5)),
+        "counter_timesteps": (torch.tensor(7), 3, 5, 1000),
+        "counter_uniform": (torch.tensor(7), 3, 11, 5, 6),
         "eps_mse": (e, x),
         "ancestral_step": (x, e.detach(), t, *ancestral_args(diff, "fixed_small"), True, None, 5, 0),
         "ddim_step": (x, e.detach(), t, torch.tensor([-1, 400, 900]), diff.alphas_cumprod, 0.5, True, None, 2, 0),
     }
 
 
-@pytest.mark.parametrize("op", ["q_sample", "q_sample_philox", "eps_mse", "ancestral_step", "ddim_step"])
+@pytest.mark.parametrize("op", ["q_sample", "q_sample_philox", "q_sample_keyed", "counter_timesteps",
+                                "counter_uniform", "eps_mse", "ancestral_step", "ddim_step"])
 def test_opcheck(diff, op):
     torch.library.opcheck(getattr(torch.ops.jdm_fast, op), _sample_args(diff)[op])
 
@@ -385,6 +389,18 @@ def _bad_inputs(diff, ops):
         ops.q_sample(x.double(), t, a, b, x.double())
     with pytest.raises(ValueError, match="offset"):
         ops.q_sample_philox(x, t, a, b, 0, -1)
+    with pytest.raises(ValueError, match="first_example must be >= 0"):
+        ops.q_sample_keyed(x, t, a, b, 0, torch.tensor(-1))
+    with pytest.raises(TypeError, match="first_example must be an int64 tensor"):
+        ops.q_sample_keyed(x, t, a, b, 0, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="first_example must hold one value"):
+        ops.counter_timesteps(torch.tensor([1, 2]), 0, 4, 10)
+    with pytest.raises(ValueError, match="num_timesteps must be >= 1"):
+        ops.counter_timesteps(torch.tensor(1), 0, 4, 0)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        ops.counter_uniform(torch.tensor(1), 0, 3, -1, 4)
+    with pytest.raises(ValueError, match="tag must be in"):
+        ops.counter_uniform(torch.tensor(1), 0, 2**32, 2, 4)
     with pytest.raises(TypeError, match="noise must have eps_hat's dtype"):
         ops.eps_mse(x.half(), x.bfloat16())
     args = ancestral_args(diff, "fixed_small")
@@ -413,7 +429,11 @@ def test_pure_pytorch_fallback_when_the_extension_is_missing(tmp_path, diff):
         "t = torch.tensor([3, 900])\n"
         "x_t, z = torch.ops.jdm_fast.q_sample_philox(x, t, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod, 9, 2)\n"
         "loss = torch.ops.jdm_fast.eps_mse(x_t, z)\n"
-        f"torch.save({{'x_t': x_t, 'z': z, 'loss': loss}}, {str(tmp_path / 'out.pt')!r})\n"
+        "f = torch.tensor(3)\n"
+        "keyed = torch.ops.jdm_fast.q_sample_keyed(x, t, d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod, 9, f)\n"
+        "ts = torch.ops.jdm_fast.counter_timesteps(f, 9, 6, 1000)\n"
+        "u = torch.ops.jdm_fast.counter_uniform(f, 9, 4, 6, 5)\n"
+        f"torch.save({{'x_t': x_t, 'z': z, 'loss': loss, 'keyed': keyed, 'ts': ts, 'u': u}}, {str(tmp_path / 'out.pt')!r})\n"
     )
     env = dict(os.environ, JDM_FAST_DISABLE_C="1")
     subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300)
@@ -424,6 +444,11 @@ def test_pure_pytorch_fallback_when_the_extension_is_missing(tmp_path, diff):
     assert torch.equal(got["z"], z)
     torch.testing.assert_close(got["x_t"], x_t, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got["loss"], N.eps_mse(x_t, z), rtol=1e-6, atol=0)
+    f = torch.tensor(3)
+    assert torch.equal(got["keyed"][1], N.q_sample_keyed(x, t, diff.sqrt_alphas_cumprod,
+                                                         diff.sqrt_one_minus_alphas_cumprod, 9, f)[1])
+    assert torch.equal(got["ts"], N.counter_timesteps(f, 9, 6, 1000))
+    assert torch.equal(got["u"], N.counter_uniform(f, 9, 4, 6, 5))
 
 
 def test_stream_offset_stays_symbolic_under_torch_compile(diff):
@@ -458,6 +483,60 @@ def test_sampler_steps_propagate_nan(diff, clip):
     assert torch.isnan(out).sum() == 1 and torch.isnan(out[1, 0, 2, 3])
     out = N.ddim_step(x_t, eps, t, t - 5, diff.alphas_cumprod, 0.0, clip)
     assert torch.isnan(out).sum() == 1 and torch.isnan(out[1, 0, 2, 3])
+
+
+# ------------------------------------------------------------------------------ keyed draws
+@pytest.mark.parametrize("seed,first", [(0, 0), (11, 48), (2**63 + 5, 2**33 + 7), (-3, 1_000_003)])
+def test_counter_draws_equal_the_documented_reference(seed, first):
+    """counter_timesteps / counter_uniform equal the NumPy reference (jdm_fast.ops.philox) bit for bit."""
+    from jdm_fast.ops import philox
+    f = torch.tensor(first)
+    t = N.counter_timesteps(f, seed, 37, 1000)
+    assert t.dtype == torch.int64 and t.shape == (37,)
+    np.testing.assert_array_equal(t.numpy(), philox.counter_timesteps(seed & (2**64 - 1), first, 37, 1000))
+    u = N.counter_uniform(f, seed, 0x44524F50, 9, 30)  # a width that is not a multiple of 4
+    assert u.dtype == torch.float32 and u.shape == (9, 30)
+    np.testing.assert_array_equal(u.numpy(), philox.counter_uniform(seed & (2**64 - 1), 0x44524F50, first, 9, 30))
+
+
+def test_counter_draws_are_per_example_and_uniform():
+    """Rows depend on the global example only (a shard draws its slice), tags and seeds separate the
+    streams, and the values are uniform: timesteps over [0, T) and uniforms over [0, 1)."""
+    full = N.counter_uniform(torch.tensor(100), 5, 1, 20, 7)
+    assert torch.equal(N.counter_uniform(torch.tensor(108), 5, 1, 12, 7), full[8:])
+    assert not torch.equal(N.counter_uniform(torch.tensor(100), 5, 2, 20, 7), full)
+    assert not torch.equal(N.counter_uniform(torch.tensor(100), 6, 1, 20, 7), full)
+    t = N.counter_timesteps(torch.tensor(0), 9, 200_000, 50)
+    counts = torch.bincount(t, minlength=50).double()
+    chi2 = ((counts - 4000) ** 2 / 4000).sum().item()
+    assert t.min() >= 0 and t.max() < 50 and chi2 < 100  # 49 degrees of freedom: p(chi2 > 100) < 1e-4
+    u = N.counter_uniform(torch.tensor(0), 9, 3, 1000, 1000).double()
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 2e-3 and abs(u.var().item() - 1 / 12) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_q_sample_keyed_is_q_sample_philox_at_the_example_offset(diff, dtype):
+    x, t = data((5, 3, 7, 5), dtype), rand_t(5, 1000)
+    a, b = diff.sqrt_alphas_cumprod, diff.sqrt_one_minus_alphas_cumprod
+    xt, z = N.q_sample_keyed(x, t, a, b, 21, torch.tensor(13))
+    want_xt, want_z = N.q_sample_philox(x, t, a, b, 21, 13 * 3 * 7 * 5)
+    assert torch.equal(z, want_z) and torch.equal(xt, want_xt)
+    x = x.float().requires_grad_()
+    N.q_sample_keyed(x, t, a, b, 21, torch.tensor(13))[0].sum().backward()
+    torch.testing.assert_close(x.grad, a[t].float().view(-1, 1, 1, 1).expand_as(x))
+
+
+def test_keyed_ops_reference_backend_matches_the_kernels(diff):
+    from jdm_fast.ops import backend
+    x, t = data((4, 3, 4, 4), torch.float32), rand_t(4, 1000)
+    a, b = diff.sqrt_alphas_cumprod, diff.sqrt_one_minus_alphas_cumprod
+    f = torch.tensor(9)
+    with backend("reference"):
+        ref = (N.q_sample_keyed(x, t, a, b, 2, f), N.counter_timesteps(f, 2, 4, 1000), N.counter_uniform(f, 2, 5, 4, 9))
+    got = (N.q_sample_keyed(x, t, a, b, 2, f), N.counter_timesteps(f, 2, 4, 1000), N.counter_uniform(f, 2, 5, 4, 9))
+    assert torch.equal(got[0][1], ref[0][1]) and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    torch.testing.assert_close(got[0][0], ref[0][0], rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ CUDA (gpu_check)
@@ -523,3 +602,22 @@ def test_cuda_eps_mse_is_deterministic():
     e, z = torch.randn(256, 3, 32, 32, device="cuda"), torch.randn(256, 3, 32, 32, device="cuda")
     first = N.eps_mse(e, z)
     assert all(torch.equal(first, N.eps_mse(e, z)) for _ in range(5))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("first", [0, 5, 2**33 + 3])
+def test_cuda_keyed_draws_equal_the_cpu(first):
+    """On CUDA the keyed ops read first_example on the device and give the CPU kernels' values."""
+    d = GaussianDiffusion(make_betas("jdm_linear", 1000))
+    a, b = d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod
+    for shape in ((33, 3, 32, 32), (6, 1, 5, 3)):  # 4-aligned examples (vector path) and not
+        x, t = data(shape, torch.bfloat16), rand_t(shape[0], 1000)
+        f = torch.tensor(first)
+        cpu_xt, cpu_z = N.q_sample_keyed(x, t, a, b, 77, f)
+        gpu_xt, gpu_z = N.q_sample_keyed(x.cuda(), t.cuda(), a.cuda(), b.cuda(), 77, f.cuda())
+        assert (gpu_z.cpu() == cpu_z).float().mean() > 0.999
+        close(gpu_xt.cpu(), cpu_xt.double(), torch.bfloat16)
+    f = torch.tensor(first)
+    assert torch.equal(N.counter_timesteps(f.cuda(), 3, 300, 1000).cpu(), N.counter_timesteps(f, 3, 300, 1000))
+    assert torch.equal(N.counter_uniform(f.cuda(), 3, 9, 70, 37).cpu(), N.counter_uniform(f, 3, 9, 70, 37))

@@ -280,6 +280,19 @@ class GaussianDiffusion:
                                          self.table("sqrt_one_minus_alphas_cumprod", x0.device),
                                          seed, offset)
 
+    def q_sample_keyed(
+        self, x0: torch.Tensor, t: torch.Tensor, seed: int, first_example: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q_sample_philox`` at offset ``first_example * per_example`` where ``first_example`` is a
+        one-element int64 tensor on x0's device (the global index of the batch's first example):
+        the offset is read on the device, so a training step keys its noise without a host sync
+        and without recompiling per step under torch.compile."""
+        _check_x("x0", x0)
+        t = self._t(t, x0)
+        return noise_ops.q_sample_keyed(x0, t, self.table("sqrt_alphas_cumprod", x0.device),
+                                        self.table("sqrt_one_minus_alphas_cumprod", x0.device),
+                                        seed, first_example)
+
     def predict_x0_from_eps(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
     ) -> torch.Tensor:

@@ -17,6 +17,15 @@ scalar, as autocast does for ``mse_loss``):
   -> (x_t, noise)``: the noise of flat element i is ``stream(seed)[offset + i]``
   (``jdm_fast.ops.philox``), identical on the CPU and CUDA; ``x_t`` uses the returned noise, so
   it equals ``q_sample(x0, t, ..., noise)``. Differentiable in x0.
+- ``q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example)
+  -> (x_t, noise)``: ``q_sample_philox`` at offset ``first_example * per_example``, where
+  ``first_example`` is a one-element int64 tensor on the data's device (the global index of the
+  batch's first example). Its value is read by the kernel, never by the host: the training step
+  keys its noise by (seed, step, example) with no host-device sync and no recompilation per step.
+- ``counter_timesteps(first_example, seed, n, num_timesteps) -> int64 (n,)`` and
+  ``counter_uniform(first_example, seed, tag, n, width) -> float32 (n, width)``: the
+  counter-based timesteps and uniforms of global examples ``first .. first + n - 1``
+  (``jdm_fast.ops.philox``), on first_example's device.
 - ``eps_mse(eps_hat, noise) -> float32 scalar``: ``mean((eps_hat - noise)^2)``, deterministic
   (fixed reduction order), differentiable in eps_hat (and noise). ``noise`` has eps_hat's dtype or
   float32 (the AMP case: bf16 prediction, fp32 target).
@@ -48,6 +57,7 @@ import torch
 from torch import Tensor
 
 from jdm_fast.ops.backends import current_backend
+from jdm_fast.ops import philox
 from jdm_fast.ops.philox import normal_stream
 
 __all__ = [
@@ -55,14 +65,18 @@ __all__ = [
     "fusable",
     "WITH_CUDA",
     "ancestral_step",
+    "counter_timesteps",
+    "counter_uniform",
     "ddim_step",
     "eps_mse",
     "q_sample",
+    "q_sample_keyed",
     "q_sample_philox",
     "reference",
 ]
 
-OPS = ("q_sample", "q_sample_philox", "eps_mse", "eps_mse_backward", "ancestral_step", "ddim_step")
+OPS = ("q_sample", "q_sample_philox", "q_sample_keyed", "counter_timesteps", "counter_uniform", "eps_mse",
+       "eps_mse_backward", "ancestral_step", "ddim_step")
 _MASK64 = (1 << 64) - 1
 
 
@@ -108,6 +122,21 @@ class reference:  # noqa: N801 - a namespace of functions
     def q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset):
         noise = _philox_noise(seed, offset, x0)
         return reference.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise), noise
+
+    @staticmethod
+    def q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example):
+        offset = int(first_example) * (x0[0].numel() if x0.shape[0] else 0)  # a host read of the index
+        return reference.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset)
+
+    @staticmethod
+    def counter_timesteps(first_example, seed, n, num_timesteps):
+        t = philox.counter_timesteps(int(seed) & _MASK64, int(first_example), int(n), int(num_timesteps))
+        return torch.from_numpy(t).to(first_example.device)
+
+    @staticmethod
+    def counter_uniform(first_example, seed, tag, n, width):
+        u = philox.counter_uniform(int(seed) & _MASK64, int(tag), int(first_example), int(n), int(width))
+        return torch.from_numpy(u).to(first_example.device)
 
     @staticmethod
     def eps_mse(eps_hat, noise):
@@ -245,6 +274,20 @@ def _define_fallbacks() -> None:
                          sqrt_one_minus_alphas_cumprod: Tensor, seed: int, offset: int) -> tuple[Tensor, Tensor]:
         return reference.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset)
 
+    @custom_op("jdm_fast::q_sample_keyed", mutates_args=())
+    def _q_sample_keyed(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
+                        seed: int, first_example: Tensor) -> tuple[Tensor, Tensor]:
+        return reference.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed,
+                                        first_example)
+
+    @custom_op("jdm_fast::counter_timesteps", mutates_args=())
+    def _counter_timesteps(first_example: Tensor, seed: int, n: int, num_timesteps: int) -> Tensor:
+        return reference.counter_timesteps(first_example, seed, n, num_timesteps)
+
+    @custom_op("jdm_fast::counter_uniform", mutates_args=())
+    def _counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: int) -> Tensor:
+        return reference.counter_uniform(first_example, seed, tag, n, width)
+
     @custom_op("jdm_fast::eps_mse", mutates_args=())
     def _eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
         return reference.eps_mse(eps_hat, noise)
@@ -287,6 +330,22 @@ def _(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise):
 def _(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset):
     return (torch.empty_like(x0, memory_format=torch.contiguous_format),
             torch.empty_like(x0, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("jdm_fast::q_sample_keyed")
+def _(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example):
+    return (torch.empty_like(x0, memory_format=torch.contiguous_format),
+            torch.empty_like(x0, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("jdm_fast::counter_timesteps")
+def _(first_example, seed, n, num_timesteps):
+    return first_example.new_empty((n,), dtype=torch.int64)
+
+
+@torch.library.register_fake("jdm_fast::counter_uniform")
+def _(first_example, seed, tag, n, width):
+    return first_example.new_empty((n, width), dtype=torch.float32)
 
 
 @torch.library.register_fake("jdm_fast::eps_mse")
@@ -335,6 +394,8 @@ def _q_sample_philox_backward(ctx, grad_xt, grad_noise):
 
 
 torch.library.register_autograd("jdm_fast::q_sample_philox", _q_sample_philox_backward,
+                                setup_context=_q_sample_setup)
+torch.library.register_autograd("jdm_fast::q_sample_keyed", _q_sample_philox_backward,
                                 setup_context=_q_sample_setup)
 
 
@@ -401,6 +462,65 @@ def q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one
         raise ValueError(f"{op}: offset must be >= 0, got {offset}")
     f = reference.q_sample_philox if _use_reference() else torch.ops.jdm_fast.q_sample_philox
     return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), int(offset))
+
+
+def _check_first_example(op: str, first_example, device: torch.device) -> None:
+    if not isinstance(first_example, Tensor) or first_example.dtype != torch.int64:
+        got = first_example.dtype if isinstance(first_example, Tensor) else type(first_example).__name__
+        raise TypeError(f"{op}: first_example must be an int64 tensor, got {got}")
+    if first_example.numel() != 1:
+        raise ValueError(f"{op}: first_example must hold one value, got shape {tuple(first_example.shape)}")
+    if first_example.device != device:
+        raise ValueError(f"{op}: first_example is on {first_example.device} but the data is on {device}")
+    if first_example.device.type == "cpu" and not torch.compiler.is_compiling() and int(first_example) < 0:
+        raise ValueError(f"{op}: first_example must be >= 0, got {int(first_example)}")
+
+
+def q_sample_keyed(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
+                   seed: int, first_example: Tensor) -> tuple[Tensor, Tensor]:
+    """``q_sample_philox(..., seed, offset=first_example * per_example)`` with the offset read on the device."""
+    if _compiled():
+        return torch.ops.jdm_fast.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+                                                 _seed64(seed), first_example)
+    op = "q_sample_keyed"
+    _check_x(op, "x0", x0)
+    T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
+                      sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
+    _check_t(op, "t", t, x0, 0, T)
+    _check_first_example(op, first_example, x0.device)
+    f = reference.q_sample_keyed if _use_reference() else torch.ops.jdm_fast.q_sample_keyed
+    return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), first_example)
+
+
+def _check_counter(op: str, first_example, n: int, size: int, size_name: str) -> None:
+    _check_first_example(op, first_example, first_example.device if isinstance(first_example, Tensor) else None)
+    if int(n) < 0:
+        raise ValueError(f"{op}: n must be >= 0, got {n}")
+    if int(size) < 1:
+        raise ValueError(f"{op}: {size_name} must be >= 1, got {size}")
+
+
+def counter_timesteps(first_example: Tensor, seed: int, n: int, num_timesteps: int) -> Tensor:
+    """Counter-based timesteps (int64, uniform in ``[0, num_timesteps)``) of global examples
+    ``first_example .. first_example + n - 1``, on first_example's device (``jdm_fast.ops.philox``)."""
+    if _compiled():
+        return torch.ops.jdm_fast.counter_timesteps(first_example, _seed64(seed), n, int(num_timesteps))
+    _check_counter("counter_timesteps", first_example, n, num_timesteps, "num_timesteps")
+    f = reference.counter_timesteps if _use_reference() else torch.ops.jdm_fast.counter_timesteps
+    return f(first_example, _seed64(seed), int(n), int(num_timesteps))
+
+
+def counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: int) -> Tensor:
+    """Counter-based float32 uniforms in [0, 1), shape (n, width): row i belongs to global example
+    ``first_example + i``; ``tag`` (in [0, 2^32)) names the stream (``jdm_fast.ops.philox``)."""
+    if _compiled():
+        return torch.ops.jdm_fast.counter_uniform(first_example, _seed64(seed), int(tag), n, width)
+    op = "counter_uniform"
+    _check_counter(op, first_example, n, width, "width")
+    if not 0 <= int(tag) < 2**32:
+        raise ValueError(f"{op}: tag must be in [0, 2^32), got {tag}")
+    f = reference.counter_uniform if _use_reference() else torch.ops.jdm_fast.counter_uniform
+    return f(first_example, _seed64(seed), int(tag), int(n), int(width))
 
 
 def eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:

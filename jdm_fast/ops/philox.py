@@ -14,6 +14,18 @@ exactly this stream, on the CPU and on CUDA, so noise is a pure function of ``(s
         z_even = sqrt(-2 ln u1) cos(2 pi u2),  z_odd = sqrt(-2 ln u1) sin(2 pi u2)
       rounded to float32 (then to the tensor's dtype).
 
+Counter-based draws per global example g (what the keyed training step needs besides noise;
+counter word 2 holds a tag, so these streams never meet the Gaussian stream, whose word 2 is 0):
+
+    timestep of example g:  r0, r1, _, _ = Philox4x32_10(counter=(g mod 2^32, g >> 32, TIME, 0), key)
+                            t = ((r0 << 32) | r1) mod T          (TIME = 0x54494D45; bias < 2^-50)
+    uniforms of row g, columns 4q .. 4q + 3, for a tag:
+                            r = Philox4x32_10(counter=(g mod 2^32, g >> 32, tag, q), key)
+                            u[4q + k] = (r_k >> 8) * 2^-24       (float32, exactly, in [0, 1))
+
+The compiled ops ``counter_timesteps`` / ``counter_uniform`` (and ``q_sample_keyed``, whose noise
+is the Gaussian stream at offset ``first_example * per_example``) equal these bit for bit.
+
 Seeds are taken modulo 2^64 (negative Python ints wrap). Philox4x32-10 is Random123's generator
 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011); ``philox4x32_10``
 reproduces its published known-answer vectors. The largest value the stream can produce is
@@ -26,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["philox4x32_10", "normal_stream"]
+__all__ = ["philox4x32_10", "normal_stream", "counter_timesteps", "counter_uniform", "TIMESTEP_TAG"]
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
@@ -71,3 +83,30 @@ def normal_stream(seed: int, offset: int, n: int) -> np.ndarray:
         out[:, 2 * p + 1] = rad * np.sin(theta)
     start = offset - 4 * first
     return out.reshape(-1)[start:start + n]
+
+
+TIMESTEP_TAG = 0x54494D45  # "TIME"
+
+
+def _rows(seed: int, first: int, n: int, tag: int, word3) -> tuple[np.ndarray, ...]:
+    seed = int(seed) & _MASK64
+    g = np.arange(first, first + n, dtype=np.uint64)[:, None]
+    return philox4x32_10((g & _MASK32, g >> np.uint64(32), tag, word3), (seed & 0xFFFFFFFF, seed >> 32))
+
+
+def counter_timesteps(seed: int, first: int, n: int, num_timesteps: int) -> np.ndarray:
+    """Timesteps (int64 in ``[0, num_timesteps)``) of global examples ``first .. first + n - 1``."""
+    if first < 0 or n < 0 or num_timesteps < 1:
+        raise ValueError(f"need first >= 0, n >= 0, num_timesteps >= 1; got {first}, {n}, {num_timesteps}")
+    r = _rows(seed, first, n, TIMESTEP_TAG, 0)
+    return (((r[0] << np.uint64(32)) | r[1]) % np.uint64(num_timesteps)).astype(np.int64).reshape(n)
+
+
+def counter_uniform(seed: int, tag: int, first: int, n: int, width: int) -> np.ndarray:
+    """(n, width) float32 uniforms in [0, 1) of rows ``first .. first + n - 1`` for ``tag``."""
+    if first < 0 or n < 0 or width < 1 or not 0 <= tag < 2**32:
+        raise ValueError(f"need first >= 0, n >= 0, width >= 1, 0 <= tag < 2^32; got {first}, {n}, {width}, {tag}")
+    q = np.arange((width + 3) // 4, dtype=np.uint64)[None, :]
+    r = _rows(seed, first, n, tag, q)
+    u = np.stack([(w >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24) for w in r], axis=-1)
+    return u.reshape(n, -1)[:, :width]
