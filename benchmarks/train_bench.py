@@ -1,17 +1,25 @@
 """Joint-training step harness shared by test_train_step.py (pytest-benchmark) and
 train_throughput.py (the 200-step measurement of benchmarks/gpu_check).
 
-One step = forward joint loss + backward + AdamW step, on a fixed synthetic batch already on the
-device (no loader cost), timesteps and noise drawn inside the model as in training. Variants:
+One step = the trainer's own ``TrainStep`` (jdm_fast/training/step.py) with the preset's settings:
+forward joint loss (the engine runs the keyed loss the trainer runs), backward, clipping, AdamW,
+scaler, LR schedule, EMA; on a fixed synthetic batch already on the device (no loader cost).
+The baseline gets the same step object around its own model (it draws its own timesteps and
+noise with torch's RNG). Variants:
 
 - ``baseline_fp32``: benchmarks/baseline.py (stock torch modules + SDPA), fp32, eager
 - ``baseline_amp``: + autocast (bf16 where the device has it; what ``--amp`` chooses)
 - ``baseline_amp_compile``: + torch.compile of the model, as the training loop compiles it
-- ``engine``: ``jdm_fast.models.JointDiffusion`` (fused ops), autocast, torch.compile
+- ``engine``: ``jdm_fast.models.JointDiffusion`` (fused ops), autocast, torch.compile, in the
+  trainer's default layout (channels-last on CUDA, NCHW on CPUs)
+- ``engine_eager`` / ``engine_eager_nchw``: the engine without torch.compile, in the default
+  layout / in NCHW (what the layout alone is worth; GPU runs)
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
 import platform
 import time
 
@@ -23,9 +31,10 @@ from baseline import BaselineJoint
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models import JointDiffusion
 from jdm_fast.training.config import get_preset
-from jdm_fast.training.precision import Precision, autocast, choose_precision
+from jdm_fast.training.precision import Precision, choose_precision
+from jdm_fast.training.step import TrainStep
 
-VARIANTS = ("baseline_fp32", "baseline_amp", "baseline_amp_compile", "engine")
+VARIANTS = ("baseline_fp32", "baseline_amp", "baseline_amp_compile", "engine", "engine_eager", "engine_eager_nchw")
 BASELINE = "baseline_fp32"
 GOAL_BASELINE = "baseline_amp_compile"  # what the issue's 1.3x goal compares the engine with
 
@@ -69,6 +78,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def is_engine(variant: str) -> bool:
+    return variant.startswith("engine")
+
+
+def channels_last(variant: str, device: torch.device) -> bool:
+    """The engine variants run the trainer's default layout (channels-last on CUDA), but one."""
+    return is_engine(variant) and variant != "engine_eager_nchw" and device.type == "cuda"
+
+
 def build(variant: str, preset: str, device: torch.device, seed: int = 0):
     """(model, precision, compile?) for a variant of a preset's model; both models from one seed."""
     if variant not in VARIANTS:
@@ -76,7 +94,7 @@ def build(variant: str, preset: str, device: torch.device, seed: int = 0):
     cfg = get_preset(preset)
     diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.num_timesteps)).to(device)
     torch.manual_seed(seed)
-    if variant == "engine":
+    if is_engine(variant):
         model = JointDiffusion(cfg.model, diffusion)
     else:
         model = BaselineJoint(cfg.model, diffusion.alphas_cumprod)
@@ -94,20 +112,18 @@ def synthetic_batch(preset: str, batch: int, device: torch.device, seed: int = 0
     return x.to(device), y.to(device)
 
 
-def make_step(model: torch.nn.Module, precision: Precision, compile: bool, device: torch.device):
-    """A callable ``step(x, y) -> detached total loss`` (one optimizer step, as in the training loop)."""
-    forward = torch.compile(model) if compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+def make_step(model: torch.nn.Module, precision: Precision, compile: bool, preset: str, keyed: bool,
+              compile_mode: str = "default", channels_last: bool = False):
+    """A callable ``step(x, y) -> detached total loss`` running the trainer's own ``TrainStep``
+    (keyed loss for the engine, optimizer, clipping, scaler, LR schedule, EMA, non-finite flag)
+    with the preset's settings; each call is the next global step."""
+    cfg = dataclasses.replace(get_preset(preset), compile_mode=compile_mode)
+    trainer = TrainStep.from_config(cfg, model, precision, compile=compile, keyed=keyed, channels_last=channels_last)
+    counter = itertools.count()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            total = forward(x, y)[0]  # JointLoss.total / the baseline's total
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return total.detach()
+        return trainer(x, y, next(counter)).losses[0].detach()
+    step.trainer = trainer
     return step
 
 
@@ -135,12 +151,17 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(step, x, y, steps: int, warmup: int, device: torch.device) -> dict:
+def measure(step, x, y, steps: int, warmup: int, device: torch.device, before_timing=None) -> dict:
     """Time ``steps`` steps after ``warmup`` (compilation included there): CUDA events on a GPU,
-    perf_counter elsewhere; peak memory of the timed steps."""
+    perf_counter elsewhere; peak memory of the timed steps. ``before_timing()`` runs between the
+    two (benchmarks/gpu_check waits there until the GPU is free)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         loss = step(x, y)
     synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    if before_timing is not None:
+        before_timing()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -156,7 +177,7 @@ def measure(step, x, y, steps: int, warmup: int, device: torch.device) -> dict:
             loss = step(x, y)
         seconds = time.perf_counter() - t0
     return {"images/s": steps * x.shape[0] / seconds, "ms/step": 1e3 * seconds / steps,
-            "peak_mem_mb": peak_memory_mb(device), "loss": float(loss)}
+            "peak_mem_mb": peak_memory_mb(device), "loss": float(loss), "warmup_s": warmup_s}
 
 
 def achieved(flops_image: float | None, images_per_s: float, name: str, precision: Precision) -> dict:

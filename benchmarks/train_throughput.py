@@ -2,9 +2,10 @@
 
     python benchmarks/train_throughput.py --preset cifar10 --batch 256 --steps 200 --out train.json
 
-Synthetic dataset-shaped data on the device; per variant (see train_bench.py) a fresh model and
-AdamW, ``--warmup`` steps (compilation included) left out, then ``--steps`` timed steps (CUDA
-events on a GPU), peak memory of the timed steps. Prints a markdown table and, for the CIFAR preset
+Synthetic dataset-shaped data on the device; per variant (see train_bench.py) a fresh model in the
+trainer's own ``TrainStep``, ``--warmup`` steps (compilation included) left out, then ``--steps``
+timed steps (CUDA events on a GPU), peak memory of the timed steps. ``--out`` is rewritten after
+each variant, so a run stopped by a time limit keeps the variants it finished. Prints a markdown table and, for the CIFAR preset
 at batch 256 on a GPU, the issue's goal checks (>= 5,000 images/s, >= 1.3x the compiled AMP
 baseline, lower peak memory). Exits non-zero on a non-finite loss; a missed goal is reported, not
 an error.
@@ -23,6 +24,7 @@ import torch
 
 import report
 import train_bench as tb
+from jdm_fast.training.config import COMPILE_MODES
 
 GOAL_IMAGES_PER_S = 5000.0
 GOAL_RATIO = 1.3
@@ -45,16 +47,66 @@ def goal_lines(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _summary(meta: dict, results: dict[str, dict]) -> dict:
+    """The JSON of a run: ``meta`` (device, versions, preset, batch, steps...) + the variants with
+    their ratios to the baselines measured in the same run, and the GPU goals where they apply."""
+    base, goal_base = results.get(tb.BASELINE), results.get(tb.GOAL_BASELINE)
+    for variant, r in results.items():
+        r["ratio_vs_baseline_fp32"] = r["images/s"] / base["images/s"] if base else None
+        r["ratio_vs_baseline_amp_compile"] = (r["images/s"] / goal_base["images/s"]
+                                              if goal_base and variant == "engine" else None)
+    goals = (meta["preset"], meta["batch"], meta["device"].startswith("cpu")) == ("cifar10", 256, False)
+    return {"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **meta,
+            "variants": list(results.values()), "goal": goal_lines(results) if goals else []}
+
+
+def _wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {path} after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def merge(paths: list[Path], out: Path | None) -> int:
+    """One table from runs of single variants in separate processes (``--hold``): same device,
+    preset and batch required; ratios recomputed across them."""
+    runs = [json.loads(p.read_text()) for p in paths if p.exists() and p.stat().st_size]
+    if not runs:
+        print(f"nothing to merge: none of {[str(p) for p in paths]} holds results", file=sys.stderr)
+        return 1
+    keys = ("device", "preset", "batch", "steps", "torch")
+    for r in runs[1:]:
+        if any(r.get(k) != runs[0].get(k) for k in keys):
+            raise SystemExit(f"--merge: runs differ in {[k for k in keys if r.get(k) != runs[0].get(k)]}")
+    meta = {k: v for k, v in runs[0].items() if k not in ("datetime", "variants", "goal")}
+    results = {v["variant"]: v for r in runs for v in r["variants"]}
+    data = _summary(meta, results)
+    if out:
+        out.write_text(json.dumps(data, indent=2))
+    print(report.render_train(data, "training throughput"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cifar10")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--variants", default=",".join(tb.VARIANTS), help="comma-separated subset of " + ",".join(tb.VARIANTS))
+    p.add_argument("--variants", default=",".join(tb.VARIANTS[:4]), help="comma-separated subset of " + ",".join(tb.VARIANTS))
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, help="write the results as JSON here (report.py renders it)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here, after each variant (report.py renders it)")
+    p.add_argument("--hold", type=Path, metavar="DIR",
+                   help="after each variant's warm-up (compilation), write DIR/<variant>.ready and time its steps "
+                        "only once DIR/<variant>.go exists: compile in parallel with other work, time alone")
+    p.add_argument("--hold-timeout", type=float, default=600.0, help="seconds to wait for the go file")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="instead of measuring: merge these result files (one variant each) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in tb.VARIANTS]
     if bad or args.steps < 1 or args.warmup < 1 or args.batch < 2:
@@ -64,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = tb.flops_per_image(args.preset, device)
     print(f"{name} | torch {torch.__version__} | {args.preset} batch {args.batch} | "
           f"{flops / 1e9:.2f} GFLOP/image (fwd+bwd)", flush=True)
+    meta = {"device": name, **tb.versions(), "preset": args.preset, "batch": args.batch, "steps": args.steps,
+            "warmup": args.warmup, "compile_mode": args.compile_mode, "GFLOP/image": flops / 1e9}
     x, y = tb.synthetic_batch(args.preset, args.batch, device)
     results: dict[str, dict] = {}
     failed = []
@@ -71,30 +125,30 @@ def main(argv: list[str] | None = None) -> int:
         tb.reset_memory(device)
         start = time.perf_counter()
         model, precision, compile = tb.build(variant, args.preset, device)
-        step = tb.make_step(model, precision, compile, device)
-        r = tb.measure(step, x, y, args.steps, args.warmup, device)
-        r.update(variant=variant, precision=precision.name, compile=compile, **tb.achieved(flops, r["images/s"], name,
-                                                                                          precision))
+        step = tb.make_step(model, precision, compile, args.preset, keyed=tb.is_engine(variant),
+                            compile_mode=args.compile_mode, channels_last=tb.channels_last(variant, device))
+        wait = None
+        if args.hold:
+            def wait(variant=variant):
+                args.hold.mkdir(parents=True, exist_ok=True)
+                (args.hold / f"{variant}.ready").write_text(f"{time.perf_counter() - start:.1f}\n")
+                print(f"  {variant}: warmed up in {time.perf_counter() - start:.0f} s; waiting for "
+                      f"{args.hold / (variant + '.go')}", flush=True)
+                _wait_for(args.hold / f"{variant}.go", args.hold_timeout)
+        r = tb.measure(step, x, y, args.steps, args.warmup, device, before_timing=wait)
+        r.update(variant=variant, precision=precision.name, compile=compile, step=step.trainer.describe(),
+                 **tb.achieved(flops, r["images/s"], name, precision))
         results[variant] = r
         if not math.isfinite(r["loss"]):
             failed.append(variant)
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}"
         print(f"  {variant}: {r['images/s']:,.1f} images/s, {r['ms/step']:.1f} ms/step, peak {peak} MiB, "
-              f"loss {r['loss']:.4f} ({time.perf_counter() - start:.0f} s with warm-up)", flush=True)
+              f"loss {r['loss']:.4f} (warm-up incl. compilation {r['warmup_s']:.0f} s; {r['step']})", flush=True)
+        if args.out:  # after every variant, so a time limit still leaves the finished ones
+            args.out.write_text(json.dumps(_summary(meta, results), indent=2))
         del model, step
         torch._dynamo.reset()  # drop the compiled graphs (and what they hold) before the next variant
-    base, goal_base = results.get(tb.BASELINE), results.get(tb.GOAL_BASELINE)
-    for variant, r in results.items():
-        r["ratio_vs_baseline_fp32"] = r["images/s"] / base["images/s"] if base else None
-        r["ratio_vs_baseline_amp_compile"] = (r["images/s"] / goal_base["images/s"]
-                                              if goal_base and variant == "engine" else None)
-    data = {"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": name,
-            **tb.versions(), "preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-            "GFLOP/image": flops / 1e9, "variants": list(results.values()),
-            "goal": goal_lines(results) if (args.preset, args.batch, device.type) == ("cifar10", 256, "cuda") else []}
-    if args.out:
-        args.out.write_text(json.dumps(data, indent=2))
-    print(report.render_train(data, "training throughput"))
+    print(report.render_train(_summary(meta, results), "training throughput"))
     if failed:
         print(f"ERROR: non-finite loss in {failed}", file=sys.stderr)
         return 1

@@ -14,11 +14,11 @@ import sys
 
 from jdm_fast.data.loaders import BACKENDS
 from jdm_fast.diffusion import SCHEDULES
-from jdm_fast.training.config import DEFAULT_PRESET, PRESETS, TrainConfig, get_preset
+from jdm_fast.training.config import COMPILE_MODES, DEFAULT_PRESET, PRESETS, TrainConfig, get_preset
 
 # flag -> TrainConfig field, for options that override the preset when given
 _OVERRIDES = ("data_dir", "out", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
-              "ema_decay", "amp", "compile", "augment", "labelled_fraction", "loader", "optimizer",
+              "ema_decay", "amp", "compile", "compile_mode", "channels_last", "augment", "labelled_fraction", "loader", "optimizer",
               "eval_every", "save_every", "log_every", "sampler", "sample_steps", "num_samples", "seed", "device",
               "resume", "num_timesteps", "schedule", "dataset", "max_nonfinite")
 
@@ -42,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
                         "fp32 on CPUs without native bf16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode: reduce-overhead replays CUDA graphs (static shapes), max-autotune "
+                        "benchmarks kernel choices (long first compile)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model channels-last (default: on for CUDA, off on CPU)")
     p.add_argument("--dropout", type=float, help="UNet dropout")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="augment the classifier input (--no-augment to turn off)")

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launcher
+
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 _LN2 = 0.6931471805599453  # ln(2)
 
@@ -361,8 +363,16 @@ def _empty(shape: tuple, device: torch.device, dtype: torch.dtype = torch.float3
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def token_major(q: torch.Tensor) -> bool:
+    """Whether q (B, H, L, D) is laid out token-major (heads inside tokens, as views of a packed
+    (B, L, 3, H, D) qkv from a channels-last feature map are): then the output is allocated
+    (B, L, H, D) in memory, so merging its heads back into (B, L, C) channels is a view."""
+    return q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
+
+
 def attention_fwd(q, k, v, scale: float, config: AttnConfig | None = None):
-    """Forward. Returns (o (B, H, L, D) contiguous in q's dtype, lse (B, H, L) fp32 natural log).
+    """Forward. Returns (o (B, H, L, D) in q's dtype, lse (B, H, L) fp32 natural log); o is
+    contiguous, or (B, L, H, D) in memory when q is token-major (``token_major``).
 
     q, k, v: (B, H, L, D), one shape / dtype (fp32, fp16, bf16) / device, any strides.
     ``config`` forces a launch config (tests).
@@ -371,12 +381,15 @@ def attention_fwd(q, k, v, scale: float, config: AttnConfig | None = None):
     B, H, L, D = _check_qkv(fn, q=q, k=k, v=v)
     scale = _check_scale(fn, scale)
     cfg = _config(fn, config, L, D)
-    o = _empty((B, H, L, D), q.device, q.dtype)
+    if token_major(q):
+        o = _empty((B, L, H, D), q.device, q.dtype).transpose(1, 2)
+    else:
+        o = _empty((B, H, L, D), q.device, q.dtype)
     lse = _empty((B, H, L), q.device)
     if B * H == 0:
         return o, lse
     grid = (triton.cdiv(L, cfg.block_m), B * H)
-    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+    launcher(_attn_fwd_kernel)[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, L, D, scale,
@@ -409,17 +422,17 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, config: AttnConfig | None =
         return dq, dk, dv
     delta = _empty((B, H, L), q.device)
     kw = dict(BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    torch.library.wrap_triton(_attn_bwd_preprocess_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
+    launcher(_attn_bwd_preprocess_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, L, D,
         BLOCK_M=cfg.block_m, **kw,
     )
-    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_n), B * H)](
+    launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, L, D, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **kw,
     )
-    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
+    launcher(_attn_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, L, D, scale,

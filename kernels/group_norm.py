@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launcher
+
 _FLAGS = ["has_w", "has_b", "has_scale", "has_shift", "act"]
 
 
@@ -85,7 +87,7 @@ def _gn_fwd_single_kernel(
 
     x = tl.load(x_ptr + n64 * sx_n + ch[:, None] * sx_c + hh[None, :] * sx_hw, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    count = (CG * HW).to(tl.float32)
+    count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
     d = tl.where(mask, x - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
@@ -245,7 +247,7 @@ def _gn_bwd_single_kernel(
     tl.store(dw_part_ptr + row, dw_part, mask=c_mask & (has_w != 0))
     tl.store(db_part_ptr + row, db_part, mask=c_mask & (has_b != 0))
 
-    count = (CG * HW).to(tl.float32)
+    count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
     m1 = tl.sum(w * db_part, axis=0) / count  # mean_grp(dxhat)
     m2 = tl.sum(w * dw_part, axis=0) / count  # mean_grp(dxhat * xhat)
     dx = rstd * (da * w[:, None] - m1 - xhat * m2)
@@ -331,7 +333,7 @@ def _gn_bwd_looped_kernel(
         sum1 += tl.sum(tl.where(c_mask, w * db_part, 0.0), axis=0)
         sum2 += tl.sum(tl.where(c_mask, w * dw_part, 0.0), axis=0)
 
-    count = (CG * HW).to(tl.float32)
+    count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
     m1 = sum1 / count  # mean_grp(dxhat)
     m2 = sum2 / count  # mean_grp(dxhat * xhat)
 
@@ -520,7 +522,7 @@ def group_norm_fwd(x, weight, bias, scale, shift, num_groups: int, eps: float, a
     kernel = _gn_fwd_single_kernel if cfg.single_pass else _gn_fwd_looped_kernel
     sc = scale if scale is not None else x
     sh = shift if shift is not None else x
-    torch.library.wrap_triton(kernel)[(n * num_groups,)](
+    launcher(kernel)[(n * num_groups,)](
         x, y,
         weight if weight is not None else mean, bias if bias is not None else mean, sc, sh,
         mean, rstd,
@@ -542,7 +544,7 @@ def _sum_over_n(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = _empty((c,), part.device, dtype)
     if c == 0:
         return out
-    torch.library.wrap_triton(_sum_over_n_kernel)[(triton.cdiv(c, _REDUCE_BLOCK),)](
+    launcher(_sum_over_n_kernel)[(triton.cdiv(c, _REDUCE_BLOCK),)](
         part, out, n, c, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS)
     return out
 
@@ -585,7 +587,7 @@ def group_norm_bwd(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: in
         kernel = _gn_bwd_single_kernel if cfg.single_pass else _gn_bwd_looped_kernel
         sc = scale if scale is not None else x
         sh = shift if shift is not None else x
-        torch.library.wrap_triton(kernel)[(n * num_groups,)](
+        launcher(kernel)[(n * num_groups,)](
             dy, x, dx,
             weight if weight is not None else mean, bias if bias is not None else mean, sc, sh,
             mean, rstd,
@@ -616,13 +618,16 @@ _TL_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
              torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype="fp32", eps_dtype="fp32"):
+def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype="fp32", eps_dtype="fp32",
+                     ones: tuple[str, ...] = ()):
     """(fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs))``.
 
     kernel_kind: "fwd" / "bwd" (variant from ``cfg.single_pass``) or "reduce" (cfg ignored;
     dtype is the parameter's output dtype). dtype: x's dtype ("fp32"/"fp16"/"bf16" or a torch
     dtype); param_dtype: weight/bias dtype (scale/shift take x's dtype); eps_dtype: "fp64" is what
-    Inductor passes. Integer arguments are typed i32, as the JIT types them at these sizes.
+    Inductor passes. Integer arguments are typed i32, as the JIT types them at these sizes;
+    ``ones`` names integer arguments compiled as the constant 1 instead, as Triton <= 3.6's JIT
+    specializes an integer argument equal to 1 (one-element groups: CG = HW = 1; unit strides).
     """
     xd, pd = "*" + _TL_DTYPE[dtype], "*" + _TL_DTYPE[param_dtype]
     if kernel_kind == "reduce":
@@ -652,4 +657,8 @@ def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype=
         raise ValueError(f"aot_compile_args: kernel_kind must be 'fwd', 'bwd' or 'reduce', got {kernel_kind!r}")
     sig.update(flags)
     sig.update({"BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"})
+    for name in ones:
+        if sig.get(name) != "i32":
+            raise ValueError(f"aot_compile_args: {name!r} is not an integer argument of the {kernel_kind} kernel")
+        sig[name], const[name] = "constexpr", 1
     return fn, sig, const

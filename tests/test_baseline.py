@@ -50,7 +50,9 @@ def test_state_dict_keys_match_and_load_both_ways():
                          ids=["scale_shift", "no_scale_shift+head_channels"])
 @pytest.mark.parametrize("classifier_input", ["x0", "xt"])
 def test_baseline_matches_joint_diffusion(unet, classifier_input):
-    ours, base = _pair(unet, classifier_input=classifier_input)
+    """Module for module: our model with the baseline's two encoder calls (the default one call
+    of twice the batch equals it up to summation order: tests/test_models.py)."""
+    ours, base = _pair(unet, classifier_input=classifier_input, fuse_encoder_passes=False)
     g = torch.Generator().manual_seed(1)
     b, c, s = 6, unet.in_channels, unet.image_size
     x0 = torch.rand(b, c, s, s, generator=g) * 2 - 1

@@ -33,14 +33,14 @@ def test_two_shards_draw_the_slices_of_the_global_batch(monkeypatch):
     and the mean over shards of their (scaled) losses is the global batch's loss."""
     model = _model().eval()  # eval: head BN on running statistics, so shard and full batch agree
     seen = []
-    original = model.diffusion.q_sample_philox
+    original = model.diffusion.q_sample_keyed
 
-    def spy(x0, t, seed, offset):
-        x_t, noise = original(x0, t, seed, offset)
+    def spy(x0, t, seed, first_example):
+        x_t, noise = original(x0, t, seed, first_example)
         seen.append((t.clone(), noise.clone()))
         return x_t, noise
 
-    monkeypatch.setattr(model.diffusion, "q_sample_philox", spy)
+    monkeypatch.setattr(model.diffusion, "q_sample_keyed", spy)
     x = torch.rand(16, 1, 28, 28) * 2 - 1
     y = torch.tensor([3, -1, 4, 1, 5, -1, 2, 6, 5, 3, 5, -1, 9, 7, 9, 3])
     labelled = int((y >= 0).sum())
@@ -51,16 +51,17 @@ def test_two_shards_draw_the_slices_of_the_global_batch(monkeypatch):
     assert torch.equal(torch.cat([t0, t1]), t_full) and torch.equal(torch.cat([n0, n1]), n_full)
     ref = normal_stream(11, 3 * 16 * 784, 16 * 784).reshape(16, 1, 28, 28)
     np.testing.assert_array_equal(n_full.numpy(), ref)  # the documented Philox stream at the global offset
+    np.testing.assert_array_equal(t_full.numpy(), counter_timesteps(11, 3 * 16, 16, 50))  # the NumPy reference
     for term in ("total", "diffusion", "classifier"):
         mean = (getattr(halves[0], term) + getattr(halves[1], term)) / 2
         torch.testing.assert_close(mean, getattr(full, term), rtol=1e-5, atol=1e-6, msg=term)
 
 
-def test_keyed_training_loss_under_torch_compile_matches_eager_without_recompiling_per_step():
-    """The trainer compiles ``model(x, y, key=...)`` on CUDA by default. Its host-side draws
-    (NumPy Philox timesteps, seeded head-dropout masks) sit in one compiler-disabled call before the
-    graph (tracing the NumPy globals inside it crashed Dynamo), and the per-step noise offset is a
-    SymInt, so after one dynamic recompile the same graphs serve every step."""
+def test_keyed_training_loss_compiles_to_one_graph_for_every_step():
+    """The trainer compiles ``model(x, y, key=...)`` (CUDA default). Timesteps, head-dropout masks
+    and noise are drawn by ops that read the batch's first global example index from a device
+    tensor (``BatchKey.first``), so the keyed loss traces with ``fullgraph=True`` (no graph break)
+    and one graph serves every step (no recompilation as the step changes); values equal eager."""
     from torch._dynamo.utils import counters
 
     model = _model().train()
@@ -68,28 +69,39 @@ def test_keyed_training_loss_under_torch_compile_matches_eager_without_recompili
     y = torch.tensor([3, -1, 4, 1, 5, 9, 2, 6])
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="eager")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
     try:
         for step in range(4):
-            key = BatchKey(7, step, 0, 8, 7)
+            key = BatchKey(7, step, 0, 8, 7, first=torch.tensor(step * 8))
             got, want = compiled(x, y, key=key), model(x, y, key=key)
             for term in ("total", "diffusion", "classifier"):
                 torch.testing.assert_close(getattr(got, term), getattr(want, term), rtol=1e-6, atol=1e-7, msg=term)
         graphs = counters["stats"]["unique_graphs"]
+        breaks = sum(counters["graph_break"].values())
     finally:
         torch._dynamo.reset()
-    assert graphs <= 3  # before the draws; after them, specialized at step 0 and dynamic from step 1
+    assert (graphs, breaks) == (1, 0)
 
 
-def test_head_dropout_masks_do_not_depend_on_the_shard():
+def test_head_dropout_masks_are_the_documented_counter_stream():
+    """Element (g, j) of head Dropout layer k is kept iff counter_uniform(seed, DROP + k)[g, j] >= p
+    (jdm_fast.ops.philox), so a shard's rows are the global batch's rows, every step differs, and
+    about a fraction p is dropped."""
+    from jdm_fast.models.joint import _DROPOUT_TAG
+    from jdm_fast.ops.philox import counter_uniform
+
     model = _model().train()
-    key = BatchKey(5, 2, 0, 12, 12)
-    full = model._head_dropout_masks(key, 12, torch.device("cpu"))
-    part = model._head_dropout_masks(key._replace(start=4), 8, torch.device("cpu"))
+    p = model.head.net[0].p
+    full = model._head_dropout_masks(5, torch.tensor(24), 12)
+    part = model._head_dropout_masks(5, torch.tensor(28), 8)
     assert len(full) == 2 and all(m is not None for m in full)
-    for f, p in zip(full, part):
-        assert torch.equal(f[4:], p)
-    other = model._head_dropout_masks(key._replace(step=3), 12, torch.device("cpu"))
+    widths = [model.head.in_features, model.head.in_features // 2]
+    for k, (f, q, width) in enumerate(zip(full, part, widths)):
+        assert torch.equal(f[4:], q)
+        keep = counter_uniform(5, _DROPOUT_TAG + k, 24, 12, width) >= p
+        np.testing.assert_array_equal(f.numpy(), keep.astype(np.float32) / np.float32(1 - p))
+        assert abs((f == 0).float().mean().item() - p) < 0.1
+    other = model._head_dropout_masks(5, torch.tensor(36), 12)
     assert not torch.equal(full[0], other[0])
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.config import HeadConfig, UNetConfig
-from jdm_fast.models.joint import JointConfig, JointDiffusion
+from jdm_fast.models.joint import BatchKey, JointConfig, JointDiffusion
 from jdm_fast.models.unet import UNet
 from jdm_fast.training.config import PRESETS
 
@@ -117,6 +117,36 @@ def test_joint_loss_terms_against_independent_computation():
     torch.testing.assert_close(losses.classifier, F.cross_entropy(logits, y))
     torch.testing.assert_close(losses.total, losses.diffusion + 0.25 * losses.classifier)
     assert losses.labelled.item() == 4 and losses.correct.item() == (logits.argmax(1) == y).sum().item()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "digits"])
+def test_one_encoder_call_equals_two(preset):
+    """The default joint loss encodes [x_t ; x0] at [t ; 0] in one call: loss terms and every
+    gradient equal the two-call path's (fp32, relative 1e-5), in training mode with the head's
+    BatchNorm on batch statistics (UNet dropout off: it draws from the global RNG per call)."""
+    cfg = PRESETS[preset].model
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, dropout=0.0))
+    diffusion = GaussianDiffusion(make_betas("jdm_linear", 100))
+    torch.manual_seed(0)
+    one = JointDiffusion(cfg, diffusion).train()
+    with torch.no_grad():  # zero-initialised output convs would hide the decoder's gradients
+        for p in one.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    two = JointDiffusion(dataclasses.replace(cfg, fuse_encoder_passes=False), diffusion).train()
+    two.load_state_dict(one.state_dict())
+    u = cfg.unet
+    x0 = torch.rand(6, u.in_channels, u.image_size, u.image_size) * 2 - 1
+    y = torch.tensor([0, 3, -1, 9, 2, 2])
+    key = BatchKey(3, 5, 0, 6, 5)
+    a, b = one(x0, y, key=key), two(x0, y, key=key)
+    for term in ("total", "diffusion", "classifier"):
+        torch.testing.assert_close(getattr(a, term), getattr(b, term), rtol=1e-5, atol=1e-7, msg=term)
+    a.total.backward()
+    b.total.backward()
+    for (name, pa), pb in zip(one.named_parameters(), two.parameters()):
+        err = (pa.grad - pb.grad).norm() / pb.grad.norm().clamp_min(1e-30)
+        assert err <= 1e-5, (name, err.item())
 
 
 def test_classifier_on_noisy_input_uses_the_diffusion_pass():

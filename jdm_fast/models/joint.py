@@ -2,7 +2,7 @@
 
 ``L = mean(|eps - eps_hat(x_t, t)|^2) + lambda * CE(head(features(encode(aug(x0), t=0))), y)``
 
-The classifier sees the clean image at t = 0 through a second encoder pass (default,
+The classifier sees the clean image at t = 0 through the encoder (default,
 ``classifier_input="x0"``), with augmentation on the classifier input only; or the noisy x_t of
 the diffusion pass (``"xt"``, no extra pass). Examples whose label is -1 (semi-supervised) add
 only the diffusion term. Multi-label data uses BCE-with-logits; rows with any negative entry are
@@ -28,7 +28,7 @@ from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.head import ClassifierHead
 from jdm_fast.models.unet import UNet
 from jdm_fast.ops import noise as noise_ops
-from jdm_fast.ops.philox import philox4x32_10
+from jdm_fast.ops import philox
 
 CLASSIFIER_INPUTS = ("x0", "xt")
 
@@ -39,6 +39,9 @@ class JointConfig:
     head: HeadConfig
     classifier_weight: float = 1e-3  # lambda
     classifier_input: str = "x0"
+    # classifier_input "x0": encode x_t and the classifier's clean x0 in one call of twice the batch
+    # (False: two encoder calls; same results up to floating-point summation order)
+    fuse_encoder_passes: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
@@ -53,45 +56,41 @@ class JointConfig:
 
 
 # Philox counter word 2 tags keep the counter-based streams of the loss apart from each other and
-# from the Gaussian noise stream (which uses word 2 = 0).
-_TIMESTEP_TAG = 0x54494D45  # "TIME"
-_DROPOUT_TAG = 0x44524F50  # "DROP"
-_MASK32 = 0xFFFFFFFF
-
-
-def _philox_words(seed: int, counter: np.ndarray, tag: int) -> tuple[np.ndarray, ...]:
-    seed = int(seed) & ((1 << 64) - 1)
-    counter = np.asarray(counter, dtype=np.uint64)
-    return philox4x32_10((counter & np.uint64(_MASK32), counter >> np.uint64(32), tag, 0),
-                         (seed & _MASK32, seed >> 32))
+# from the Gaussian noise stream (which uses word 2 = 0); see jdm_fast.ops.philox.
+_DROPOUT_TAG = 0x44524F50  # "DROP"; head Dropout layer k uses tag _DROPOUT_TAG + k
 
 
 def counter_timesteps(seed: int, first_index: int, n: int, num_timesteps: int) -> np.ndarray:
     """Timesteps of global examples ``first_index .. first_index + n - 1`` (int64, uniform in
-    ``[0, num_timesteps)``): example ``g`` gets ``(r0 * 2^32 + r1) mod T`` of Philox4x32-10 at
-    counter ``(g, TIME)`` under key ``seed`` (bias below 2^-50 for T < 2^14), whoever draws it."""
+    ``[0, num_timesteps)``), as the keyed loss draws them on the device: example ``g`` gets
+    ``(r0 * 2^32 + r1) mod T`` of Philox4x32-10 at counter ``(g, TIME)`` under key ``seed`` (bias
+    below 2^-50 for T < 2^14), whoever draws it. The NumPy reference of ``counter_timesteps``."""
     if first_index < 0 or n < 0:
         raise ValueError(f"first_index and n must be >= 0, got {first_index}, {n}")
-    r = _philox_words(seed, np.arange(first_index, first_index + n, dtype=np.uint64), _TIMESTEP_TAG)
-    return (((r[0] << np.uint64(32)) | r[1]) % np.uint64(num_timesteps)).astype(np.int64)
-
-
-def counter_seed(seed: int, step: int, tag: int) -> int:
-    """A 63-bit seed that is a pure function of ``(seed, step, tag)`` (one Philox block)."""
-    r = _philox_words(seed, np.array([step], dtype=np.uint64), tag)
-    return int(((int(r[0][0]) << 32) | int(r[1][0])) >> 1)
+    return philox.counter_timesteps(seed, first_index, n, num_timesteps)
 
 
 class BatchKey(NamedTuple):
     """Where a process's batch sits in training, so that its randomness and loss scale depend only
     on the global batch. With interleaved sharding (jdm_fast.data.loaders) the local examples are
-    the contiguous global indices ``start .. start + B_local - 1`` of step ``step``."""
+    the contiguous global indices ``first .. first + B_local - 1``, ``first = step * global_size + start``.
+
+    ``first`` is that index as a one-element int64 tensor on the batch's device (the trainer's
+    ``TrainStep`` makes it): the draws read it on the device, so nothing in the step depends on the
+    step number as a Python value (no host sync, no recompilation per step under torch.compile).
+    Left ``None``, the loss makes it itself from ``step``."""
 
     seed: int
     step: int
     start: int  # index, within the step's global batch, of this process's first example
     global_size: int  # examples in the global batch (all processes)
     labelled: torch.Tensor | int  # labelled examples in the global batch (all processes)
+    first: torch.Tensor | None = None  # step * global_size + start, int64 on the device
+
+    def first_example(self, device: torch.device) -> torch.Tensor:
+        if self.first is not None:
+            return self.first
+        return torch.full((), self.step * self.global_size + self.start, dtype=torch.int64, device=device)
 
 
 class JointLoss(NamedTuple):
@@ -154,13 +153,14 @@ class JointDiffusion(nn.Module):
         loss = (per * mask).sum() / total
         return (loss * scale if scale != 1.0 else loss), correct, labelled
 
-    def _head_dropout_masks(self, key: BatchKey, b: int, device: torch.device) -> list[torch.Tensor | None]:
-        """Inverted-dropout masks of the head's Dropout layers for this process's rows, drawn for
-        the whole global batch from a generator seeded by (seed, step) and sliced, so each global
-        example gets the same mask whichever process holds it (a resumed run redraws them too)."""
-        generator = None
+    def _head_dropout_masks(self, seed: int, first: torch.Tensor, b: int) -> list[torch.Tensor | None]:
+        """Inverted-dropout masks of the head's Dropout layers for global examples
+        ``first .. first + b - 1``: element (g, j) of layer k is kept when the counter-based uniform
+        of row g, column j, tag ``_DROPOUT_TAG + k`` is >= p, so each global example gets the same
+        mask whichever process holds it, and a resumed run redraws them exactly."""
         masks: list[torch.Tensor | None] = []
         width = self.head.in_features
+        k = 0
         for layer in self.head.net:
             if isinstance(layer, nn.Linear):
                 width = layer.out_features
@@ -168,22 +168,11 @@ class JointDiffusion(nn.Module):
                 continue
             if layer.p == 0:
                 masks.append(None)
-                continue
-            if generator is None:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(counter_seed(key.seed, key.step, _DROPOUT_TAG))
-            keep = torch.rand(key.global_size, width, generator=generator, device=device)
-            keep = keep[key.start:key.start + b] >= layer.p
-            masks.append(keep.float() / (1.0 - layer.p))
+            else:
+                u = noise_ops.counter_uniform(first, seed, _DROPOUT_TAG + k, b, width)
+                masks.append((u >= layer.p).float() / (1.0 - layer.p))
+            k += 1
         return masks
-
-    @torch.compiler.disable  # host-side NumPy Philox and a seeded generator: one graph break, before the graph
-    def _key_draws(self, key: BatchKey, b: int, device: torch.device
-                   ) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
-        """The batch's counter-based timesteps and (training mode) head-dropout masks."""
-        first = key.step * key.global_size + key.start
-        t = torch.from_numpy(counter_timesteps(key.seed, first, b, self.diffusion.num_timesteps)).to(device)
-        return t, (self._head_dropout_masks(key, b, device) if self.training else None)
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None, key: BatchKey | None = None) -> JointLoss:
@@ -207,9 +196,11 @@ class JointDiffusion(nn.Module):
             if not (0 <= key.start and key.start + b <= key.global_size):
                 raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
                                  f"batch of {key.global_size}")
-            t, masks = self._key_draws(key, b, x0.device)
-            first = key.step * key.global_size + key.start
-            x_t, noise = self.diffusion.q_sample_philox(x0, t, key.seed, first * x0[0].numel())
+            # Drawn on the device from (seed, global example index): no host sync, one graph.
+            first = key.first_example(x0.device)
+            t = noise_ops.counter_timesteps(first, key.seed, b, self.diffusion.num_timesteps)
+            masks = self._head_dropout_masks(key.seed, first, b) if self.training else None
+            x_t, noise = self.diffusion.q_sample_keyed(x0, t, key.seed, first)
             labelled_total, scale = key.labelled, key.global_size / b
         else:
             if t is None:
@@ -217,17 +208,26 @@ class JointDiffusion(nn.Module):
             if noise is None:
                 noise = torch.randn_like(x0)
             x_t = self.diffusion.q_sample(x0, t, noise)
-        enc = self.unet.encode(x_t, t)
+        zeros = torch.zeros(b, dtype=torch.long, device=x0.device)
+        if self.config.classifier_input == "xt":
+            enc = cls_enc = self.unet.encode(x_t, t)
+        else:
+            x_cls = self.augment(x0) if (self.augment is not None and self.training) else x0
+            if self.config.fuse_encoder_passes:
+                # One encoder call on [x_t ; x_cls] at [t ; 0]: every layer is per-example (GroupNorm,
+                # attention, timestep FiLM), so the halves are the two passes' results, computed with
+                # twice the batch per kernel and one graph instead of two under torch.compile.
+                both = self.unet.encode(torch.cat([x_t, x_cls.to(x_t.dtype)]), torch.cat([t, zeros]))
+                enc, cls_enc = both.split(b)
+            else:
+                enc = self.unet.encode(x_t, t)
+                cls_enc = self.unet.encode(x_cls, zeros)
         eps_hat = self.unet.decode(*enc)
+        eps_hat = eps_hat.contiguous()  # a channels-last model's output: the noise is NCHW (a few channels)
         if noise_ops.fusable(eps_hat) and noise.dtype in (eps_hat.dtype, torch.float32):
             diffusion_loss = noise_ops.eps_mse(eps_hat, noise)  # fused, float32 accumulation
         else:
             diffusion_loss = F.mse_loss(eps_hat.float(), noise.float())
-        if self.config.classifier_input == "xt":
-            cls_enc = enc
-        else:
-            x_cls = self.augment(x0) if (self.augment is not None and self.training) else x0
-            cls_enc = self.unet.encode(x_cls, torch.zeros(b, dtype=torch.long, device=x0.device))
         logits = self.logits(cls_enc) if key is None else self.head(self.unet.features(cls_enc), masks)
         cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
         total = diffusion_loss + self.config.classifier_weight * cls_loss

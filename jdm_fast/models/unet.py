@@ -97,6 +97,11 @@ class Encoded(NamedTuple):
     skips: list[torch.Tensor]  # every encoder block output, input conv first
     emb: torch.Tensor  # timestep embedding (B, 4 * model_channels)
 
+    def split(self, b: int) -> tuple["Encoded", "Encoded"]:
+        """The encodings of the first ``b`` examples and of the rest (views, no copies)."""
+        return (Encoded(self.h[:b], [s[:b] for s in self.skips], self.emb[:b]),
+                Encoded(self.h[b:], [s[b:] for s in self.skips], self.emb[b:]))
+
 
 class UNet(nn.Module):
     """Unconditional ADM UNet predicting eps. ``forward(x, t) == decode(encode(x, t))``."""
@@ -148,9 +153,18 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"UNet: t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model runs channels-last (``model.to(memory_format=torch.channels_last)``):
+        then the input is converted at the model boundary and every feature map stays channels-last."""
+        w = self.out_conv.weight  # (in_channels, model_channels, 3, 3): its layout is never ambiguous
+        return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
     def encode(self, x: torch.Tensor, t: torch.Tensor) -> Encoded:
         self._check_input(x, t)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels))
+        if self.channels_last:  # one conversion of the (few-channel) input; none inside the network
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:

@@ -53,8 +53,11 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tup
 
 @_fwd.register_fake
 def _fwd_fake(q, k, v, scale):
-    b, h, length, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, length), dtype=torch.float32)
+    from jdm_fast.kernels.attention import token_major
+
+    b, h, length, d = q.shape
+    o = q.new_empty((b, length, h, d)).transpose(1, 2) if token_major(q) else q.new_empty(q.shape)
+    return o, q.new_empty((b, h, length), dtype=torch.float32)
 
 
 @triton_op("jdm_fast::attention_bwd", mutates_args=())

@@ -45,8 +45,11 @@ def current_backend() -> str:
     return _check(os.environ.get("JDM_FAST_BACKEND", "auto").strip().lower() or "auto", "JDM_FAST_BACKEND")
 
 
+_TRITON = importlib.util.find_spec("triton") is not None  # once: torch.compile cannot trace find_spec
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def use_triton(device: torch.device, op: str) -> bool:

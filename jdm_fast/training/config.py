@@ -9,6 +9,8 @@ from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig
 from jdm_fast.training.evaluation import SAMPLERS
 
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -30,6 +32,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     amp: bool = False
     compile: bool | None = None  # None = auto (on for CUDA, off on CPU)
+    compile_mode: str = "default"  # torch.compile mode (COMPILE_MODES)
+    channels_last: bool | None = None  # None = auto: on for CUDA, off on CPU (measured slower there)
     augment: bool = True  # classifier-input augmentation
     labelled_fraction: float = 1.0
     loader: str = "auto"
@@ -57,6 +61,8 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
             (0.0 < self.labelled_fraction <= 1.0,
              f"--labelled-fraction must be in (0, 1], got {self.labelled_fraction}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"--compile-mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}"),
             (self.optimizer in ("adamw", "apex"), f"--optimizer must be adamw or apex, got {self.optimizer!r}"),
             (min(self.eval_every, self.save_every, self.log_every) >= 1,
              "--eval-every, --save-every and --log-every must be >= 1"),

@@ -25,7 +25,6 @@ import math
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +34,16 @@ from tqdm import tqdm
 
 from jdm_fast.data import ImageDataset, apply_augment, default_augment, infinite_batches, load_dataset
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
-from jdm_fast.models.joint import BatchKey, JointDiffusion
+from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training import distributed
 from jdm_fast.training.checkpoint import (CHECKPOINT_NAME, checkpoint_files, load_latest, remove_stale_temps,
                                           rng_state, save_checkpoint, set_rng_state)
 from jdm_fast.training.config import TrainConfig
 from jdm_fast.training.distributed import Dist
-from jdm_fast.training.ema import EMA
 from jdm_fast.training.evaluation import preview_samples, test_accuracy
 from jdm_fast.training.images import save_grid
 from jdm_fast.training.precision import Precision, autocast, choose_precision
+from jdm_fast.training.step import TrainStep
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,17 +100,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> JointDiffusion:
     return JointDiffusion(cfg.model, diffusion, augment).to(device)
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    if cfg.optimizer == "apex":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError as e:
-            raise ValueError("--optimizer apex needs NVIDIA apex installed; use --optimizer adamw") from e
-        return FusedAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, adam_w_mode=True)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -155,12 +143,10 @@ class _NonFiniteGuard:
         self.flags: list[torch.Tensor] = []
         self.first_step = 0  # 1-based number of the step of flags[0]
 
-    def flag(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+    def record(self, step: int, bad: torch.Tensor) -> None:
         if not self.flags:
             self.first_step = step + 1
-        bad = ~torch.isfinite(loss.detach())
         self.flags.append(bad)
-        return bad
 
     def check(self, ctx: Dist, precision: Precision, ckpt_path: Path, log) -> None:
         """Read the flags (a host sync; all processes take part) and report / stop."""
@@ -209,8 +195,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         ctx.close()
 
 
-def _restore(cfg: TrainConfig, ctx: Dist, device: torch.device, out: Path, log, model, ema, optimizer,
-             scheduler, scaler) -> tuple[int, Precision]:
+def _restore(cfg: TrainConfig, ctx: Dist, device: torch.device, out: Path, log, model,
+             trainer: TrainStep) -> tuple[int, Precision]:
     state, path = load_latest(out, log)
     saved = TrainConfig(**state["config"])
     differ = [f for f in _RESUME_MUST_MATCH if getattr(saved, f) != getattr(cfg, f)]
@@ -218,11 +204,11 @@ def _restore(cfg: TrainConfig, ctx: Dist, device: torch.device, out: Path, log, 
         raise ValueError(f"--resume: the configuration differs from the one in {path} in {differ}; "
                          "resume with the settings of the original run")
     model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    trainer.ema.load_state_dict(state["ema"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # older checkpoints hold the empty state of a disabled scaler
-        scaler.load_state_dict(state["scaler"])
+        trainer.scaler.load_state_dict(state["scaler"])
     rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rngs) == ctx.world_size:
         set_rng_state(rngs[ctx.rank], device)
@@ -271,7 +257,6 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg, device)
-    ema = EMA(model, cfg.ema_decay)
     precision = choose_precision(cfg.amp, device)
     if precision.dtype is not None and device.type == "cpu" and not cfg.resume:
         x, y = next(infinite_batches(train_ds, local_batch, seed=cfg.seed, device=device, augment=False))
@@ -280,15 +265,16 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
         precision = ctx.gather_objects(precision)[0]  # every process follows rank 0's measurement
     if ctx.enabled:
         distributed.convert_sync_batchnorm(model.head)  # head statistics over the global batch
-    optimizer = make_optimizer(cfg, model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    # fp16: the usual dynamic loss scale. fp32/bf16: scale fixed at 1 (update(1.0) below), used only
-    # to skip steps whose gradients are non-finite.
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16 if precision.use_scaler else 1.0)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    why = "asked" if cfg.compile is not None else ("default on CUDA" if use_compile else
+                                                    "default off on CPU: compile time outweighs the gain; --compile to force")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    trainer = TrainStep.from_config(cfg, model, precision, compile=use_compile, dist=ctx, channels_last=channels_last)
+    optimizer, scheduler, scaler, ema = trainer.optimizer, trainer.scheduler, trainer.scaler, trainer.ema
     start_step = 0
     if cfg.resume:
-        start_step, precision = _restore(cfg, ctx, device, out, log, model, ema, optimizer, scheduler, scaler)
+        start_step, precision = _restore(cfg, ctx, device, out, log, model, trainer)
+        trainer.precision = precision  # the precision the run started with
     elif ctx.rank:
         torch.manual_seed(cfg.seed + ctx.rank)  # per-process dropout/augmentation streams (CPU and CUDA)
     if start_step >= cfg.steps:
@@ -304,17 +290,9 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     # [i * B/n, (i+1) * B/n) of each global batch.
     batches = infinite_batches(train_ds, local_batch, seed=cfg.seed, start_step=start_step,
                                shard=(ctx.rank, ctx.world_size), backend=cfg.loader, device=device, augment=False)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    why = "asked" if cfg.compile is not None else ("default on CUDA" if use_compile else
-                                                    "default off on CPU: compile time outweighs the gain; --compile to force")
-    step_model: torch.nn.Module = model  # `model` stays the checkpointed module
-    if ctx.enabled:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_compile:
-        step_model = torch.compile(step_model)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"device {device} | precision {precision.name}: {precision.reason} | compile {use_compile} ({why})")
+    log(f"step: {trainer.describe()}")
     if ctx.enabled:
         log(f"data parallel: {ctx.world_size} processes ({dist_backend()}), global batch {cfg.batch_size} = "
             f"{ctx.world_size} x {local_batch}")
@@ -360,22 +338,8 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
         x, y = next(batches)
         if cfg.labelled_fraction < 1.0:
             y = y.masked_fill(y == unlabelled, -1)
-        labelled = ctx.all_reduce_(model.labelled_mask(y).sum())  # the classifier loss's global denominator
-        key = BatchKey(cfg.seed, step, ctx.rank * local_batch, cfg.batch_size, labelled)
-        with autocast(device, precision):
-            losses = step_model(x, y, key=key)
-        scaler.scale(losses.total).backward()
-        if cfg.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)  # skipped when the gradients are non-finite
-        scaler.update(None if precision.use_scaler else 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # after a skipped first step torch warns that the order is wrong
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            scheduler.step()
-        ema.update(model, step)
-        bad = guard.flag(step, losses.total)
+        losses, bad = trainer(x, y, step)
+        guard.record(step, bad)
         terms = torch.stack([losses.total.detach(), losses.diffusion.detach(), losses.classifier.detach()]).float()
         sums += torch.cat([torch.where(bad, 0.0, terms), (~bad).float()[None],
                            torch.stack([losses.correct, losses.labelled]).float()])

@@ -1,0 +1,146 @@
+"""One optimisation step: the object the trainer runs and the benchmarks time.
+
+``TrainStep`` owns everything one step does, in this order:
+
+1. the batch key (``BatchKey``: seed, step, this process's first global example, global batch,
+   global labelled count) when the model takes one (``JointDiffusion``; the plain-PyTorch
+   baseline of benchmarks/ draws its own timesteps and noise);
+2. the forward joint loss under autocast, through DDP and torch.compile when asked;
+3. backward through the GradScaler (dynamic scale for fp16, a fixed scale of 1 for fp32/bf16,
+   which is exact and makes every precision skip a step whose gradients are non-finite);
+4. unscale + gradient clipping (``grad_clip``), scaler step and update, ``zero_grad``;
+5. the LR schedule, the EMA update, and the step's non-finite flag (a device tensor).
+
+The training loop keeps the data, the ticks, evaluation and checkpoints; it reads the step's
+optimizer, scheduler, scaler and EMA for its checkpoints. Nothing in a step reads a device value
+on the host: with the fused AdamW (CUDA) the scaler passes its scale and inf flag to the
+optimizer as tensors, the clip is computed on the device, and the step's losses stay tensors.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from jdm_fast.models.joint import BatchKey
+from jdm_fast.training.config import COMPILE_MODES
+from jdm_fast.training.distributed import Dist
+from jdm_fast.training.ema import EMA
+from jdm_fast.training.precision import Precision, autocast
+
+
+
+class StepResult(NamedTuple):
+    losses: Any  # what the model's forward returned (JointLoss for JointDiffusion); losses[0] is the total
+    nonfinite: torch.Tensor  # 0-d bool on the device: the total was non-finite, the update was skipped
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                   device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """(optimizer, how it runs): AdamW fused on CUDA, foreach elsewhere; apex FusedAdam if asked."""
+    if name == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as e:
+            raise ValueError("--optimizer apex needs NVIDIA apex installed; use --optimizer adamw") from e
+        return FusedAdam(model.parameters(), lr=lr, weight_decay=weight_decay, adam_w_mode=True), "apex FusedAdam"
+    if name != "adamw":
+        raise ValueError(f"optimizer must be adamw or apex, got {name!r}")
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None,
+                            foreach=None if fused else True)
+    return opt, "AdamW (fused)" if fused else "AdamW (foreach)"
+
+
+class TrainStep:
+    """One optimisation step of ``model`` (see the module docstring).
+
+    ``step(x, y, i)`` runs step ``i`` (0-based global step: it keys the randomness and the EMA
+    warm-up) on this process's batch and returns a :class:`StepResult`. ``model`` stays the
+    uncompiled, unwrapped module (what checkpoints hold); ``forward`` is what runs.
+    """
+
+    def __init__(self, model: nn.Module, *, precision: Precision, lr: float, weight_decay: float = 0.0,
+                 optimizer: str = "adamw", warmup_steps: int = 0, grad_clip: float | None = None,
+                 ema_decay: float | None = None, compile: bool = False, compile_mode: str = "default",
+                 dist: Dist | None = None, seed: int = 0, global_batch: int | None = None, keyed: bool = True,
+                 channels_last: bool = False):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or None), got {grad_clip}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.channels_last = channels_last
+        if channels_last:  # every 4-D weight (and so every feature map) channels-last; values unchanged
+            model.to(memory_format=torch.channels_last)
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.dist = dist or Dist()
+        self.seed, self.global_batch, self.keyed = seed, global_batch, keyed
+        self.optimizer, self.optimizer_name = make_optimizer(model, optimizer, lr, weight_decay, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+        # fp16: the usual dynamic loss scale. fp32/bf16: scale fixed at 1 (update(1.0) below), used only
+        # to skip steps whose gradients are non-finite.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 if precision.use_scaler else 1.0)
+        self.ema = EMA(model, ema_decay) if ema_decay is not None else None
+        forward: nn.Module = model
+        if self.dist.enabled:
+            forward = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.compiled = compile
+        self.compile_mode = compile_mode if compile else None
+        if compile:
+            # dynamic=False: a training step has one shape; a recompile must never turn the graph
+            # symbolic (slower code, and torch 2.11's Inductor crashed on our Triton ops there).
+            forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        self.forward = forward
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module, precision: Precision, *, compile: bool, dist: Dist | None = None,
+                    keyed: bool = True, channels_last: bool = False) -> "TrainStep":
+        """The step a ``TrainConfig`` describes (optimizer, LR warm-up, clipping, EMA, seed, batch)."""
+        return cls(model, precision=precision, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                   warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
+                   compile=compile, compile_mode=cfg.compile_mode, dist=dist, seed=cfg.seed,
+                   global_batch=cfg.batch_size, keyed=keyed, channels_last=channels_last)
+
+    def describe(self) -> str:
+        compiled = f"torch.compile mode {self.compile_mode}" if self.compiled else "eager"
+        layout = "channels-last" if self.channels_last else "NCHW"
+        return f"{self.optimizer_name}, {compiled}, {layout}, EMA {'foreach lerp' if self.ema else 'off'}"
+
+    def key(self, y: torch.Tensor, step: int) -> BatchKey:
+        """The batch key of this process's rows of global batch ``step`` (a collective under DDP)."""
+        local = y.shape[0]
+        global_batch = self.global_batch or local * self.dist.world_size
+        labelled = self.dist.all_reduce_(self.model.labelled_mask(y).sum())  # the CE's global denominator
+        start = self.dist.rank * local
+        # The first global example index as a device tensor made by a fill kernel (no copy from the
+        # host): the draws read it on the device, and the compiled graph never sees the step number.
+        first = torch.full((), step * global_batch + start, dtype=torch.int64, device=self.device)
+        return BatchKey(self.seed, step, start, global_batch, labelled, first)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
+        with autocast(self.device, self.precision):
+            if self.keyed:
+                losses = self.forward(x, y, key=self.key(y, step))
+            else:
+                losses = self.forward(x, y)
+        total = losses[0]
+        self.scaler.scale(total).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)  # skipped when the gradients are non-finite
+        self.scaler.update(None if self.precision.use_scaler else 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # after a skipped first step torch warns that the order is wrong
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+        return StepResult(losses, ~torch.isfinite(total.detach()))

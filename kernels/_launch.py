@@ -1,0 +1,17 @@
+"""How the launchers call a kernel: through ``torch.library.wrap_triton``, so that torch.compile
+(Inductor) sees the kernel inside our ``triton_op``s, except under Triton's interpreter
+(``TRITON_INTERPRET=1``), where the kernel is an interpreted function that torch < 2.12's
+``wrap_triton`` rejects ("only works on functions annotated with triton.jit") and nothing is
+compiled anyway: there the kernel is called directly."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # read by Triton at its import, once
+
+
+def launcher(kernel):
+    """``launcher(kernel)[grid](*args, **meta)`` launches ``kernel``."""
+    return kernel if INTERPRETER else torch.library.wrap_triton(kernel)
