@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-METRICS = ("images/s", "steps/s", "GB/s", "TFLOP/s", "fraction_of_peak", "fraction_of_peak_bw", "GFLOP/image",
-           "peak_mem_mb", "precision", "compile")
+METRICS = ("images/s", "steps/s", "GB/s", "TFLOP/s", "fraction_of_peak", "fraction_of_peak_bw", "bound_ms",
+           "bound_measured_ms", "fraction_of_bound", "GFLOP/image", "peak_mem_mb", "precision", "compile",
+           "baseline_fp32_ms", "baseline_amp_ms", "baseline_amp_compile_ms")
 
 
 def fmt(v) -> str:

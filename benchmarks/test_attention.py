@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_utils import cuda_ms, runner
+from bench_utils import cuda_ms, lower_bound, runner, synced, with_fraction
 from jdm_fast.ops import attention, backend
 
 SHAPES = [(256, 4, 256, 64), (256, 4, 64, 64), (256, 4, 16, 64),  # CIFAR preset, batch 256
@@ -50,7 +50,7 @@ def test_attention_gpu(benchmark, cuda_device, shape, dtype, mode):
     run = runner(_ours, views, mode)
     ours_ms = cuda_ms(run)
     sdpa_ms = {name: cuda_ms(runner(_sdpa(name), views, mode)) for name in SDPA_BACKENDS}
-    benchmark.pedantic(run, setup=torch.cuda.synchronize, rounds=10, iterations=3, warmup_rounds=1)
+    benchmark.pedantic(synced(run, cuda_device), rounds=10, iterations=3, warmup_rounds=1)
     b, h, length, d = shape
     flops = 4 * b * h * length * length * d * (1 if mode == "fwd" else 3.5)
     timed = {k: v for k, v in sdpa_ms.items() if v is not None}
@@ -60,6 +60,9 @@ def test_attention_gpu(benchmark, cuda_device, shape, dtype, mode):
         "triton": __import__("triton").__version__, "ours_ms": ours_ms, "TFLOP/s": flops / (ours_ms * 1e-3) / 1e12,
         **{f"sdpa_{k}_ms": v for k, v in sdpa_ms.items()}, "best_sdpa": best,
         "speedup_vs_best_sdpa": timed[best] / ours_ms if best else None,
+        # bytes: q, k, v read and o written (forward); + do read, dq, dk, dv written (backward)
+        **with_fraction(lower_bound(cuda_device, (4 if mode == "fwd" else 8) * b * h * length * d * qkv.element_size(),
+                                    flops), ours_ms),
     })
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_utils import cuda_ms, peak_bandwidth_gbs
+from bench_utils import cuda_ms, lower_bound, peak_bandwidth_gbs, synced, with_fraction
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.ops import noise as N
 
@@ -84,9 +84,11 @@ def _cases(device, dtype, batch):
     eps_g2 = eps.detach().clone().requires_grad_()
 
     def mse_fb_ours():
+        eps_g.grad = None  # no accumulation into the previous call's gradient
         N.eps_mse(eps_g, z).backward()
 
     def mse_fb_eager(fn=eager_mse):
+        eps_g2.grad = None
         fn(eps_g2, z).backward()
 
     return {  # name: (ours, eager callable factory(fn), eager fn, args, bytes floor)
@@ -141,12 +143,7 @@ def _bench(benchmark, device, dtype, batch, op):
     case = _cases(device, dtype, batch)[op]
     ours = case[0]
     eager_ms, compiled_ms = _baselines(device, case)
-    if device.type == "cuda":
-        def run():
-            ours()
-            torch.cuda.synchronize()
-    else:
-        run = ours
+    run = synced(ours, device)
     with torch.no_grad() if op != "eps_mse_fwd_bwd" else torch.enable_grad():
         benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 5, iterations=5 if device.type == "cuda" else 1,
                            warmup_rounds=1)
@@ -161,6 +158,7 @@ def _bench(benchmark, device, dtype, batch, op):
         "ratio_vs_eager": eager_ms / ours_ms, "ratio_vs_compile": compiled_ms / ours_ms,
         "GB/s": gbps, "bytes_floor": case[3],
         "fraction_of_peak_bw": None if peak is None else gbps / peak,
+        **with_fraction(lower_bound(device, case[3]), ours_ms),
     })
 
 
