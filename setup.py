@@ -101,8 +101,10 @@ def extension_modules():
         why = "no nvcc / CUDA toolkit found" if not cuda_home else "torch is a CPU-only build"
         raise RuntimeError(f"JDM_FAST_CUDA=1 but the CUDA kernels cannot be built: {why}")
     csrc = Path("csrc")
-    sources = [str(csrc / "noise_ops.cpp")]
-    cxx = ["-O3"]  # the C++ standard is the one torch asks for
+    sources = [str(csrc / "noise_ops.cpp"), str(csrc / "norm_cpu.cpp")]
+    # the C++ standard is the one torch asks for; -fno-trapping-math lets the CPU kernels' clamps and
+    # selects vectorize (no floating-point trap is relied on; IEEE results are unchanged)
+    cxx = ["-O3", "-fno-trapping-math"]
     kwargs = dict(include_dirs=[str(ROOT / "csrc")], py_limited_api=False)
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:

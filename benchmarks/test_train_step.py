@@ -1,14 +1,21 @@
-"""Joint training step: images/s, peak memory, model FLOPs and the fraction of the device's peak,
-for the plain-PyTorch baseline (fp32 eager, + AMP, + torch.compile) and the full engine.
+"""Joint training step: the trainer's own TrainStep, images/s, peak memory, model FLOPs and the
+fraction of the device's peak, for the plain-PyTorch baseline (fp32 eager, + AMP, + torch.compile)
+and the full engine.
 
-Each case records its ratio to ``baseline_fp32`` (and the engine's to ``baseline_amp_compile``)
-measured in the same session: the variants run in that order and share a module-level cache.
-CPU: the default (digits) preset at batch 16; torch.compile variants need ``--cpu-compile``
-(about 2.5 minutes of compilation each on a 2-core CPU, and the training loop keeps compile off
-on CPUs by default), so the CPU engine runs the fused-op model with AMP, uncompiled.
-GPU: the CIFAR preset at batch 256 (benchmarks/gpu_check measures 200 steps of it instead).
+CPU (``test_train_step_cpu``): the digits preset at batch 64 and the CIFAR preset at batch 8. One
+case per preset times the engine as ``python -m jdm_fast.train --amp`` runs it on this CPU (bf16
+autocast where the CPU has native bf16, else fp32; uncompiled; channels-last), and in the same
+rounds, interleaved (pytest-benchmark's per-round setup), one step of each baseline variant:
+CPU speed drifts over minutes on shared machines, so only steps timed side by side are compared.
+extra_info holds each baseline's median, and the engine's ratios to them. torch.compile of the
+AMP baseline joins with ``--cpu-compile`` (minutes of compilation on 2 cores).
+GPU (``test_train_step_gpu``): the CIFAR preset at batch 256, one case per variant (ratios to
+baseline_fp32 and baseline_amp_compile of the same session; benchmarks/gpu_check times it too).
 """
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -60,10 +67,47 @@ def _run(benchmark, variant, preset, batch, device, compile_ok, rounds, warmup):
     })
 
 
-@pytest.mark.parametrize("variant", tb.VARIANTS[:4])
-def test_train_step_cpu(benchmark, variant, request):
-    _run(benchmark, variant, "digits", 16, torch.device("cpu"), request.config.getoption("--cpu-compile"),
-         rounds=5, warmup=2)
+CPU_CASES = [("digits", 64), ("cifar10", 8)]
+
+
+@pytest.mark.parametrize("preset,batch", CPU_CASES, ids=[f"{p}-{b}" for p, b in CPU_CASES])
+def test_train_step_cpu(benchmark, preset, batch, request):
+    device = torch.device("cpu")
+    x, y = tb.synthetic_batch(preset, batch, device)
+    baselines = ["baseline_fp32", "baseline_amp"] + (["baseline_amp_compile"] if request.config.getoption(
+        "--cpu-compile") else [])
+    steps, precisions = {}, {}
+    for variant in baselines + ["engine"]:
+        model, precision, compile = tb.build(variant, preset, device)
+        compile = compile and (variant != "engine")  # the engine as the trainer runs it on CPUs: uncompiled
+        steps[variant] = tb.make_step(model, precision, compile, preset, keyed=tb.is_engine(variant),
+                                      channels_last=tb.channels_last(variant, device))
+        precisions[variant] = precision
+        steps[variant](x, y)  # the first step outside the rounds (compilation, allocator warm-up)
+    times: dict[str, list[float]] = {v: [] for v in baselines}
+
+    def baselines_round():  # pytest-benchmark's untimed setup: one timed step of each baseline
+        for v in baselines:
+            t0 = time.perf_counter()
+            steps[v](x, y)
+            times[v].append(time.perf_counter() - t0)
+
+    rounds, warmup = (5, 1) if preset == "digits" else (3, 1)
+    loss = benchmark.pedantic(lambda: steps["engine"](x, y), setup=baselines_round, rounds=rounds, iterations=1,
+                              warmup_rounds=warmup)
+    assert torch.isfinite(loss), f"engine: non-finite loss {loss}"
+    engine_s = benchmark.stats.stats.median
+    medians = {v: statistics.median(t[warmup:]) for v, t in times.items()}
+    name = tb.device_name(device)
+    flops = _flops_per_image(preset, device)
+    ips = batch / engine_s
+    benchmark.extra_info.update({
+        "device": name, **tb.versions(), "preset": preset, "batch": batch, "variant": "engine",
+        "precision": precisions["engine"].name, "compile": False, "step": steps["engine"].trainer.describe(),
+        "images/s": ips, "GFLOP/image": flops / 1e9, **tb.achieved(flops, ips, name, precisions["engine"]),
+        **{f"{v}_ms": 1e3 * m for v, m in medians.items()},
+        **{f"ratio_vs_{v}": m / engine_s for v, m in medians.items()},
+    })
 
 
 @pytest.mark.gpu

@@ -10,8 +10,9 @@ noise with torch's RNG). Variants:
 - ``baseline_fp32``: benchmarks/baseline.py (stock torch modules + SDPA), fp32, eager
 - ``baseline_amp``: + autocast (bf16 where the device has it; what ``--amp`` chooses)
 - ``baseline_amp_compile``: + torch.compile of the model, as the training loop compiles it
-- ``engine``: ``jdm_fast.models.JointDiffusion`` (fused ops), autocast, torch.compile, in the
-  trainer's default layout (channels-last on CUDA, NCHW on CPUs)
+- ``engine``: ``jdm_fast.models.JointDiffusion`` (fused ops), autocast, torch.compile (the
+  trainer's CUDA default; uncompiled on CPUs unless --cpu-compile, as the trainer runs it there),
+  channels-last (the trainer's default)
 - ``engine_eager`` / ``engine_eager_nchw``: the engine without torch.compile, in the default
   layout / in NCHW (what the layout alone is worth; GPU runs)
 """
@@ -40,13 +41,13 @@ GOAL_BASELINE = "baseline_amp_compile"  # what the issue's 1.3x goal compares th
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor cores, fp32 without tensor cores).
 # Substrings of torch.cuda.get_device_name(), most specific first.
-PEAK_TFLOPS = (
-    ("H200", (989.0, 67.0)),
-    ("H100 PCIe", (756.0, 51.0)),
-    ("H100", (989.0, 67.0)),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("A100", (312.0, 19.5)),
-    ("L40S", (362.0, 91.6)),
-    ("A10G", (70.0, 31.2)),
+PEAK_TFLOPS = (  # (bf16/fp16 tensor cores, tf32 tensor cores, fp32 without tensor cores), dense
+    ("H200", (989.0, 494.7, 67.0)),
+    ("H100 PCIe", (756.0, 378.0, 51.0)),
+    ("H100", (989.0, 494.7, 67.0)),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.0, 181.0, 91.6)),
+    ("A10G", (70.0, 35.0, 31.2)),
 )
 
 
@@ -67,9 +68,12 @@ def versions() -> dict:
 
 def peak_tflops(name: str, precision: Precision) -> float | None:
     """The device's dense peak for the step's dominant dtype; None for CPUs and unknown devices."""
-    for key, (low, fp32) in PEAK_TFLOPS:
+    for key, (low, tf32, fp32) in PEAK_TFLOPS:
         if key in name:
-            return fp32 if precision.dtype is None else low
+            if precision.dtype is not None:
+                return low
+            # fp32 steps are convolution-bound, and cuDNN runs fp32 convolutions in TF32 by default
+            return tf32 if torch.backends.cudnn.allow_tf32 else fp32
     return None
 
 
@@ -83,8 +87,8 @@ def is_engine(variant: str) -> bool:
 
 
 def channels_last(variant: str, device: torch.device) -> bool:
-    """The engine variants run the trainer's default layout (channels-last on CUDA), but one."""
-    return is_engine(variant) and variant != "engine_eager_nchw" and device.type == "cuda"
+    """The engine variants run the trainer's default layout (channels-last), but one."""
+    return is_engine(variant) and variant != "engine_eager_nchw"
 
 
 def build(variant: str, preset: str, device: torch.device, seed: int = 0):

@@ -2,13 +2,15 @@
 
 ``y = act(((x - mean_g) * rstd_g * weight_c + bias_c) * (1 + scale_nc) + shift_nc)``
 
-Two implementations, chosen per call by ``jdm_fast.ops.backends.use_triton``:
+Three implementations, chosen per call (``jdm_fast.ops.backends``):
 - Triton (``jdm_fast.kernels.group_norm``): the custom op ``torch.ops.jdm_fast.group_norm_silu_fwd``
   registered with ``torch.library.triton_op`` (Inductor sees the kernels), a fake implementation,
   and ``register_autograd`` whose backward is itself the op ``group_norm_silu_bwd``. Backward saves
   only x, the fp32 mean/rstd and the (small) affine/FiLM inputs, and recomputes the rest.
+- C++ (CPU tensors, ``jdm_fast._C``: csrc/norm_cpu.cpp): ``group_norm_silu_cpu`` and its
+  backward op, the same equations in one pass per statistic, the default on CPUs.
 - Reference: the same math in PyTorch with fp32 statistics; autograd is PyTorch's own, so it is
-  an independent oracle for the kernels.
+  an independent oracle for the kernels (``backend("reference")``; also where _C is missing).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op
 
-from jdm_fast.ops.backends import use_triton
+from jdm_fast.ops.backends import current_backend, use_triton
+from jdm_fast.ops.noise import HAS_C
 
 ACTIVATIONS = ("silu", None)
 
@@ -112,6 +115,30 @@ def _backward(ctx, dy, _dmean, _drstd):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------------------ CPU kernels (C++)
+# jdm_fast._C's group_norm_silu_cpu / _backward (csrc/norm_cpu.cpp): the fused path on CPU tensors.
+# Their schemas come with the extension; fakes and autograd are registered here when it loaded.
+if HAS_C:
+    @torch.library.register_fake("jdm_fast::group_norm_silu_cpu")
+    def _cpu_fwd_fake(x, weight, bias, scale, shift, num_groups, eps, act):
+        stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("jdm_fast::group_norm_silu_cpu_backward")
+    def _cpu_bwd_fake(dy, x, weight, bias, scale, shift, mean, rstd, num_groups, act):
+        like = [weight, bias, scale, shift]
+        return (torch.empty_like(x), *[torch.empty_like(t) if t is not None else x.new_empty(0) for t in like])
+
+    def _cpu_backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        dx, dw, db, ds, dsh = torch.ops.jdm_fast.group_norm_silu_cpu_backward(
+            dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, bool(ctx.act))
+        present = [weight, bias, scale, shift]
+        return (dx, *[g if t is not None else None for g, t in zip((dw, db, ds, dsh), present)], None, None, None)
+
+    torch.library.register_autograd("jdm_fast::group_norm_silu_cpu", _cpu_backward, setup_context=_setup_context)
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
                                    and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
@@ -146,10 +173,14 @@ def group_norm_silu(
     _affine("weight", weight, x)
     _affine("bias", bias, x)
     scale, shift = _film("scale", scale, x), _film("shift", shift, x)
-    if not use_triton(x.device, "group_norm_silu") or x.numel() == 0:
+    triton = use_triton(x.device, "group_norm_silu")
+    cpu_kernel = not triton and HAS_C and x.device.type == "cpu" and current_backend() == "auto"
+    if not (triton or cpu_kernel) or x.numel() == 0:
         return reference(x, num_groups, weight, bias, eps, scale, shift, activation)
     x4 = x if x.dim() == 4 else x.reshape(x.shape[0], c, -1, 1)  # (N, C, L) / 5-D: flatten space
     if not (x4.is_contiguous() or x4.is_contiguous(memory_format=torch.channels_last)):
         x4 = x4.contiguous()  # an unusual layout: one copy, then the kernel's NCHW path
-    y, _, _ = _fwd(x4, weight, bias, scale, shift, num_groups, float(eps), int(activation == "silu"))
+    fwd = _fwd if triton else torch.ops.jdm_fast.group_norm_silu_cpu
+    act = int(activation == "silu")
+    y, _, _ = fwd(x4, weight, bias, scale, shift, num_groups, float(eps), act if triton else bool(act))
     return y if x.dim() == 4 else y.reshape(x.shape)

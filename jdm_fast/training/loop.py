@@ -268,7 +268,7 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     why = "asked" if cfg.compile is not None else ("default on CUDA" if use_compile else
                                                     "default off on CPU: compile time outweighs the gain; --compile to force")
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else True
     trainer = TrainStep.from_config(cfg, model, precision, compile=use_compile, dist=ctx, channels_last=channels_last)
     optimizer, scheduler, scaler, ema = trainer.optimizer, trainer.scheduler, trainer.scaler, trainer.ema
     start_step = 0

@@ -39,7 +39,7 @@ class StepResult(NamedTuple):
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                    device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """(optimizer, how it runs): AdamW fused on CUDA, foreach elsewhere; apex FusedAdam if asked."""
+    """(optimizer, how it runs): AdamW fused on CUDA and CPUs, foreach elsewhere; apex FusedAdam if asked."""
     if name == "apex":
         try:
             from apex.optimizers import FusedAdam
@@ -48,7 +48,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return FusedAdam(model.parameters(), lr=lr, weight_decay=weight_decay, adam_w_mode=True), "apex FusedAdam"
     if name != "adamw":
         raise ValueError(f"optimizer must be adamw or apex, got {name!r}")
-    fused = device.type == "cuda"
+    # One fused kernel per parameter group: on a 2-core CPU 20 ms per step for 60M parameters
+    # against 136 ms for the foreach / for-loop implementations (each a pass per operation).
+    fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None,
                             foreach=None if fused else True)
     return opt, "AdamW (fused)" if fused else "AdamW (foreach)"
