@@ -274,14 +274,34 @@ class AttnConfig:
     block_d: int  # BLOCK_D, next power of two >= D, in {16, 32, 64, 128, 256}
     num_warps: int
     num_stages: int
+    dkdv_block_m: int | None = None  # the dkdv kernel's query rows per step, when not block_m
+
+    @property
+    def preprocess_warps(self) -> int:
+        """Warps of the row-sum preprocess kernel: 16 elements of o and of do per thread (ptxas
+        spilled the fp16 tile at 32 per thread: 4 warps at D = 64, 8 at D = 128)."""
+        return max(4, min(16, self.block_m * self.block_d // (32 * 16)))
+
+    def launch(self, kind: str) -> tuple[dict, dict]:
+        """(constexprs, options) the kernel ``kind`` is launched and compiled with."""
+        if kind not in KERNEL_KINDS:
+            raise ValueError(f"launch: kind must be one of {KERNEL_KINDS}, got {kind!r}")
+        if kind == "bwd_preprocess":
+            return ({"BLOCK_M": self.block_m, "BLOCK_D": self.block_d},
+                    {"num_warps": self.preprocess_warps, "num_stages": self.num_stages})
+        block_m = self.dkdv_block_m or self.block_m if kind == "bwd_dkdv" else self.block_m
+        return ({"BLOCK_M": block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d},
+                {"num_warps": self.num_warps, "num_stages": self.num_stages})
 
 
 # Keyed by block_d; sized so fwd and bwd fit sm_80's 163 KiB of shared memory in fp32 too
-# (checked by the AOT compile test).
+# (checked by the AOT compile test), and so the bf16/fp16 kernels at D = 32, 64, 128 spill no
+# register on sm_80 or sm_90 (ptxas -v, tests/kernels/test_kernel_resources.py): at D = 64 the
+# dkdv kernel steps 32 query rows at a time (64 used all 255 registers and spilled 48 bytes on sm_80).
 _MENU: dict[int, AttnConfig] = {
     16: AttnConfig(64, 64, 16, 4, 2),
     32: AttnConfig(64, 64, 32, 4, 2),
-    64: AttnConfig(64, 64, 64, 4, 2),
+    64: AttnConfig(64, 64, 64, 4, 2, dkdv_block_m=32),
     128: AttnConfig(64, 32, 128, 4, 2),
     256: AttnConfig(32, 32, 256, 4, 1),
 }
@@ -421,22 +441,21 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, config: AttnConfig | None =
     if B * H == 0:
         return dq, dk, dv
     delta = _empty((B, H, L), q.device)
-    kw = dict(BLOCK_D=cfg.block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    const, opts = cfg.launch("bwd_preprocess")
     launcher(_attn_bwd_preprocess_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, L, D,
-        BLOCK_M=cfg.block_m, **kw,
+        o, do, delta, *o.stride(), *do.stride(), H, L, D, **const, **opts,
     )
+    const, opts = cfg.launch("bwd_dkdv")
     launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, L, D, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **kw,
+        H, L, D, scale, **const, **opts,
     )
+    const, opts = cfg.launch("bwd_dq")
     launcher(_attn_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, L, D, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **kw,
+        H, L, D, scale, **const, **opts,
     )
     return dq, dk, dv
 
@@ -455,8 +474,9 @@ def aot_compile_args(kernel_kind: str, cfg: AttnConfig, dtype, scale_dtype="fp32
     """(fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs))``.
 
     kernel_kind: one of KERNEL_KINDS. dtype: the inputs' dtype ("fp32"/"fp16"/"bf16" or a torch
-    dtype). scale_dtype: "fp64" is what Inductor passes. Compile with num_warps=cfg.num_warps and
-    num_stages=cfg.num_stages. Integer arguments are typed i32, as the JIT types them at these sizes.
+    dtype). scale_dtype: "fp64" is what Inductor passes. Compile with the options of
+    ``cfg.launch(kernel_kind)[1]`` (num_warps, num_stages), as the launchers do. Integer arguments are
+    typed i32, as the JIT types them at these sizes.
     """
     xd = "*" + _TL_DTYPE[dtype]
     dims = {"H": "i32", "L": "i32", "D": "i32"}
@@ -464,23 +484,20 @@ def aot_compile_args(kernel_kind: str, cfg: AttnConfig, dtype, scale_dtype="fp32
         fn = _attn_fwd_kernel
         sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "o_ptr": xd, "lse_ptr": "*fp32",
                **_strides("sq", "sk", "sv", "so"), **dims, "scale": scale_dtype}
-        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
     elif kernel_kind == "bwd_preprocess":
         fn = _attn_bwd_preprocess_kernel
         sig = {"o_ptr": xd, "do_ptr": xd, "delta_ptr": "*fp32", **_strides("so", "sdo"), **dims}
-        const = {"BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d}
     elif kernel_kind == "bwd_dkdv":
         fn = _attn_bwd_dkdv_kernel
         sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "do_ptr": xd, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
                "dk_ptr": xd, "dv_ptr": xd, **_strides("sq", "sk", "sv", "sdo", "sdk", "sdv"), **dims,
                "scale": scale_dtype}
-        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
     elif kernel_kind == "bwd_dq":
         fn = _attn_bwd_dq_kernel
         sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "do_ptr": xd, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
                "dq_ptr": xd, **_strides("sq", "sk", "sv", "sdo", "sdq"), **dims, "scale": scale_dtype}
-        const = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d}
     else:
         raise ValueError(f"aot_compile_args: kernel_kind must be one of {KERNEL_KINDS}, got {kernel_kind!r}")
+    const = cfg.launch(kernel_kind)[0]
     sig.update({name: "constexpr" for name in const})
     return fn, sig, const

@@ -29,9 +29,12 @@ out = []
 for kind, index, dt, cap, kwargs in json.loads(sys.stdin.read()):
     cfg = None if index is None else mod.ALL_CONFIGS[index]
     rec = {"job": f"{kind} {cfg} {dt} sm_{cap} {kwargs}", "kind": kind, "dt": dt, "cap": cap}
-    options = {"num_warps": getattr(cfg, "num_warps", 4)}
-    if hasattr(cfg, "num_stages"):
-        options["num_stages"] = cfg.num_stages
+    if hasattr(cfg, "launch"):  # per-kernel launch options (attention)
+        options = cfg.launch(kind)[1]
+    else:
+        options = {"num_warps": getattr(cfg, "num_warps", 4)}
+        if hasattr(cfg, "num_stages"):
+            options["num_stages"] = cfg.num_stages
     try:
         fn, sig, const = mod.aot_compile_args(kind, cfg, dt, **kwargs)
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32),
