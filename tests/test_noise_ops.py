@@ -29,9 +29,11 @@ def tol(dtype):
     return {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}[dtype]
 
 
-def close(out, ref, dtype):
+def close(out, ref, dtype, extra: float = 0.0):
+    """|out - ref| <= (tol(dtype) + extra) (1 + |ref|) elementwise; ``extra``: known additional
+    relative error of the inputs (e.g. float32 schedule tables)."""
     out, ref = out.double(), ref.double()
-    bound = tol(dtype) * (1 + ref.abs())
+    bound = (tol(dtype) + extra) * (1 + ref.abs())
     assert out.shape == ref.shape
     assert bool(((out - ref).abs() <= bound).all()), float(((out - ref).abs() / (1 + ref.abs())).max())
 
@@ -145,7 +147,8 @@ def test_q_sample_closed_form(diff, dtype, table_dtype):
     assert out.dtype == dtype
     abar = diff.alphas_cumprod[t].view(-1, 1, 1, 1)  # float64 closed form
     ref = abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double()
-    close(out, ref, dtype if table_dtype == F64 else torch.float32 if dtype == torch.float32 else dtype)
+    # float32 tables round each coefficient once more (relative 2^-24) than the float64 closed form
+    close(out, ref, dtype, extra=2.0**-24 if table_dtype == torch.float32 else 0.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -259,8 +262,9 @@ def test_ancestral_step_closed_form(diff, dtype, clip, variance, noise_kind):
     out = N.ancestral_step(x_t, eps, t, *ancestral_args(diff, variance), clip, **kw)
     assert out.dtype == dtype
     ref = ancestral_ref(diff, x_t, eps, t, clip, variance, z)
-    # the x0 estimate divides by sqrt(abar_t) (~1e-2 at t = T-1): float32 math, scaled tolerance
-    close(out, ref, dtype if dtype != torch.float32 else torch.float32)
+    # the x0 estimate divides by sqrt(abar_t) (~1e-2 at t = T-1), but the posterior mean scales it by
+    # coef1 ~ beta_t sqrt(abar_{t-1}) / (1 - abar_t), so the step keeps the plain float32 tolerance
+    close(out, ref, dtype)
 
 
 def ddim_ref(abar, x_t, eps, t, t_prev, eta, clip, z):
