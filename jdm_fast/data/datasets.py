@@ -387,11 +387,30 @@ def _load_cifar(name: str, root: Path, split: str) -> ImageDataset:
     )
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds only what CIFAR's python batches hold (dicts, lists, bytes, str,
+    numbers and NumPy arrays): any other global, such as a callable a crafted file names, is refused
+    before anything runs."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+                ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the file asks to load {module}.{name}, which a CIFAR batch never holds; "
+                                     "refusing it (nothing in the file was run)")
+
+
 def _read_pickle(path: Path) -> dict:
-    # Pickles can run code: these are the user's own dataset files, read as the format requires.
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArraysOnly(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"{path}: {e}") from e
     except Exception as e:  # unpickling raises many types on corrupt input
         raise DatasetError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):

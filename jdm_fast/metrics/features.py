@@ -152,7 +152,9 @@ def load_feature_classifier(path: Path, device: str = "cpu") -> ClassifierFeatur
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no feature classifier at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from jdm_fast.training.checkpoint import safe_load
+
+    state = safe_load(path, "feature classifier")  # data only: a file asking for code is refused
     if not isinstance(state, dict) or "state_dict" not in state or "info" not in state:
         raise RuntimeError(f"{path} is not a jdm_fast feature classifier")
     info = state["info"]

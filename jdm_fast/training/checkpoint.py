@@ -11,12 +11,20 @@ per record, which ``torch.load`` does not check (a flipped byte in a tensor load
 :func:`verify_checkpoint` checks every record with :mod:`zipfile`. :func:`load_latest` falls back
 to ``checkpoint.prev.pt`` when ``checkpoint.pt`` is missing, truncated or corrupt, and says so,
 naming the file.
+
+Files are data, never code: every load is ``torch.load(weights_only=True)`` (tensors, containers,
+numbers, strings, torch dtypes) with one allow-listed addition, the NumPy array reconstruction
+that the NumPy RNG state of older checkpoints needs (new ones store it as plain lists). A file that
+asks for anything else (a pickled callable, say) is refused with :class:`UnsafeFileError` naming
+the file and the global it asked for; nothing in it runs.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,6 +38,35 @@ PREVIOUS_NAME = "checkpoint.prev.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be used (truncated, corrupt, or not ours)."""
+
+
+class UnsafeFileError(CheckpointError):
+    """The file asks to load Python objects outside the allow-list: refused, nothing run."""
+
+
+def _numpy_globals() -> list:
+    """What a pickled NumPy array needs (the NumPy RNG state of checkpoints before 2026-12)."""
+    out = [np.ndarray, np.dtype]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        with contextlib.suppress(ImportError, AttributeError):
+            out.append(getattr(__import__(mod, fromlist=["_reconstruct"]), "_reconstruct"))
+    out += [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "uint8")]
+    return out
+
+
+def safe_load(path, what: str = "file"):
+    """``torch.load(path, weights_only=True)`` (+ NumPy arrays) onto the CPU; anything else in the file
+    raises :class:`UnsafeFileError` naming ``what``, the path and the refused global."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            msg = str(e)
+            found = re.search(r"(?:Unsupported global|GLOBAL)\W+([\w.]+)", msg)
+            name = found.group(1) if found else "an object outside the allow-list"
+            raise UnsafeFileError(
+                f"{what} {path} asks to load {name}, which a {what} never holds: refusing it (files are loaded "
+                "as data only; nothing in it was run)") from e
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -131,7 +168,9 @@ def load_checkpoint(path: Path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     verify_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path, "checkpoint")
+    except UnsafeFileError:
+        raise
     except Exception as e:  # torch raises several types for corrupt archives
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from e
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
@@ -165,7 +204,9 @@ def load_latest(folder: Path, log=print) -> tuple[dict, Path]:
 
 def rng_state(device: torch.device | None = None) -> dict:
     """Every global random state the training loop uses (CUDA: the training device's only)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]  # plain data (weights_only)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -173,7 +214,8 @@ def rng_state(device: torch.device | None = None) -> dict:
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and device is not None and device.type == "cuda":
         cuda = state["cuda"]
