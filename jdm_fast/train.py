@@ -4,6 +4,10 @@ Validates the options, resolves them against the preset into a frozen ``TrainCon
 writes it to ``<out>/config.json`` and runs the loop. Under ``torchrun --nproc_per_node=N -m
 jdm_fast.train ...`` it trains data-parallel (``--batch-size`` stays the global batch); only rank 0
 prints, logs, samples and writes files.
+
+Exit status: 0 done; 2 bad options or input (one line on stderr); 1 non-finite training or an
+unusable checkpoint; 128 + signal number when SIGTERM (143), SIGINT (130) or SIGUSR1 (138) stopped
+the run after a step whose checkpoint was written (continue it with --resume).
 """
 from __future__ import annotations
 
@@ -101,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     if main_process:
         print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
     from jdm_fast.training.checkpoint import CheckpointError
-    from jdm_fast.training.loop import NonFiniteLossError, train  # heavy imports after option validation
+    from jdm_fast.training.loop import NonFiniteLossError, Preempted, train  # heavy imports after validation
 
     try:
         train(cfg)
+    except Preempted as e:  # SIGTERM / SIGINT / SIGUSR1: the step finished and was checkpointed
+        if main_process:
+            print(str(e), file=sys.stderr, flush=True)
+        return e.exit_status
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: name it, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

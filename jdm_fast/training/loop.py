@@ -18,12 +18,17 @@ device; at every log tick or save the flags are read, the steps are reported, an
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import resource
+import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +52,97 @@ from jdm_fast.training.step import TrainStep
 
 
 class NonFiniteLossError(RuntimeError):
-    """The run kept producing non-finite losses (``TrainConfig.max_nonfinite`` consecutive steps)."""
+    """The run kept producing non-finite losses (``TrainConfig.max_nonfinite`` consecutive steps),
+    or its weights became non-finite (then no checkpoint of them is written)."""
+
+
+class Preempted(Exception):
+    """SIGTERM, SIGINT or SIGUSR1 stopped the run after a step, whose checkpoint was written.
+    ``exit_status`` is 128 + the signal number (the shell's convention: 143, 130, 138)."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        self.exit_status = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint {path}; "
+                         "continue with --resume")
+
+
+PREEMPT_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGUSR1")) if s)
+
+
+class _PreemptFlag:
+    """Records a preemption signal; the loop stops after the step in progress (every process at the
+    same step: under torchrun the flag is agreed over a CPU group at each step)."""
+
+    def __init__(self, ctx: Dist):
+        self.signum = 0
+        self.ctx = ctx
+        self._previous = {}
+        self._group = None
+        if ctx.enabled:  # a gloo group: agreeing costs no device sync, whatever the training backend
+            self._group = torch.distributed.new_group(backend="gloo")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in PREEMPT_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def stop_signal(self) -> int:
+        """The signal to stop on after this step (0: none); the same on every process."""
+        if self._group is None:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        return int(flag.item())
+
+
+class _RunLock:
+    """An exclusive lock on the run folder (``.lock``, held by rank 0 for the run's life): a second run
+    on the same --out is refused, naming the holder; a lock left by a dead process is taken over.
+    The operating system releases the lock when its process dies, however it dies."""
+
+    def __init__(self, folder: Path, log):
+        self.path = folder / ".lock"
+        self.log = log
+        self.file = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise FileExistsError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end "
+                                  "or choose another --out") from None
+        self.file.seek(0)
+        previous = self.file.read().strip()
+        if previous:
+            self.log(f"note: took over the lock of a run that is no longer running ({previous})")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.close()
 
 
 # What a resumed run must share with the original one: the model, the diffusion, and everything
@@ -238,6 +333,15 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     ctx.barrier()  # every process has looked before rank 0 writes anything
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if ctx.is_main:
+            stack.enter_context(_RunLock(out, log))
+        return _train_locked(cfg, ctx, device, log, out, ckpt_path, local_batch, stack)
+
+
+def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: Path, ckpt_path: Path,
+                  local_batch: int, stack: contextlib.ExitStack) -> dict:
+    if ctx.is_main:
         for stale in remove_stale_temps(out):
             log(f"removed {stale}, a temporary file left by an interrupted checkpoint write")
 
@@ -278,12 +382,18 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     elif ctx.rank:
         torch.manual_seed(cfg.seed + ctx.rank)  # per-process dropout/augmentation streams (CPU and CUDA)
     if start_step >= cfg.steps:
-        log(f"nothing to do: the run is at step {start_step} >= --steps {cfg.steps}")
+        log(f"nothing to do: the run in {out} is at step {start_step} >= --steps {cfg.steps}; no file was "
+            f"changed (pass --steps > {start_step} to continue it)")
+        return {"kind": "eval", "step": start_step, "nothing_to_do": True}
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
         (out / "config.json").write_text(cfg.to_json())
         if cfg.resume:
             _truncate_metrics(metrics_path, start_step)
+        elif metrics_path.exists():  # left by a run killed before its first checkpoint: keep it, apart
+            kept = metrics_path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            metrics_path.rename(kept)
+            log(f"note: {metrics_path} of an earlier run (no checkpoint) moved to {kept}; this run starts a new one")
 
     # The diffusion term trains on un-augmented images; augmentation is applied to the
     # classifier input only, inside JointDiffusion. Shard i of n holds examples
@@ -305,6 +415,13 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
                 f.write(json.dumps(entry) + "\n")
 
     def save(step: int) -> None:
+        # A host sync per save: no checkpoint ever holds a non-finite weight (a learning rate of inf,
+        # say, makes them so without a non-finite loss or gradient).
+        if not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()):
+            good = ckpt_path if ckpt_path.exists() else None
+            raise NonFiniteLossError(
+                f"the weights became non-finite by step {step} (non-finite parameters); no checkpoint of them "
+                f"was written. Last good checkpoint: {good or 'none (the run wrote none yet)'}")
         rngs = ctx.gather_objects(rng_state(device))  # every process's RNG (a collective)
         if ctx.is_main:
             save_checkpoint(ckpt_path, {
@@ -334,6 +451,7 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
     tick_start, tick_steps = time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stdout,
                disable=None if ctx.is_main else True)
+    preempt = stack.enter_context(_PreemptFlag(ctx))
     for step in range(start_step, cfg.steps):
         x, y = next(batches)
         if cfg.labelled_fraction < 1.0:
@@ -366,8 +484,13 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
                             img_s=f"{entry['img_per_s']:.0f}")
             sums.zero_()
             tick_start, tick_steps = time.perf_counter(), 0
-        if save_now:
+        signum = preempt.stop_signal()
+        if save_now or signum:
             save(done)
+        if signum:
+            bar.close()
+            ctx.barrier()
+            raise Preempted(signum, done, ckpt_path)
         if done % cfg.eval_every == 0 and done != cfg.steps:
             eval_start = time.perf_counter()
             result = evaluate(done)
