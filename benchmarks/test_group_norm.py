@@ -89,13 +89,25 @@ def test_group_norm_silu_gpu(benchmark, cuda_device, shape, dtype, mode):
     })
 
 
-@pytest.mark.parametrize("provider", ["reference", "eager"])
-def test_group_norm_silu_cpu(benchmark, provider):
-    """CPU: the reference path against the unfused eager code it replaces (both PyTorch)."""
-    x, params = _inputs((8, 64, 16, 16), torch.float32, "cpu", grad=False)
-    fn = eager if provider == "eager" else (
-        lambda x, w, b, s, sh: group_norm_silu(x, GROUPS, w, b, scale=s, shift=sh))
-    with backend("reference"):
-        benchmark(lambda: fn(x, *params))
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["eager", "reference", "cpu_kernel"])
+def test_group_norm_silu_cpu(benchmark, provider, mode):
+    """CPU, bf16, channels-last (the engine's CPU layout), the digits preset's largest norm: the C++
+    kernel (the default on CPU tensors) against the unfused eager code it replaces and against the
+    reference path (backend("reference"))."""
+    g = torch.Generator().manual_seed(0)
+    shape, dtype = (64, 96, 28, 28), torch.bfloat16
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(96, generator=g), torch.randn(96, generator=g)
+    s, sh = (torch.randn(64, 96, generator=g).to(dtype) for _ in range(2))
+    grad = mode != "fwd"
+    args = [t.requires_grad_(grad) for t in (x, w, b, s, sh)]
+    if provider == "eager":
+        fn = eager
+    else:
+        def fn(*a):
+            with backend("reference" if provider == "reference" else "auto"):
+                return group_norm_silu(a[0], GROUPS, a[1], a[2], 1e-5, scale=a[3], shift=a[4])
+    benchmark(runner(fn, args, mode))
     benchmark.extra_info.update({"device": "cpu", "torch": torch.__version__,
-                                 "images/s": x.shape[0] / benchmark.stats.stats.mean})
+                                 "images/s": shape[0] / benchmark.stats.stats.mean})
