@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from jdm_fast.metrics import (
     knn_radii,
     precision_recall,
 )
+from jdm_fast.training.config import check_device
 from jdm_fast.training.images import to_uint8
 
 
@@ -81,12 +83,22 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from jdm_fast.data import load_dataset
     from jdm_fast.training.evaluation import test_accuracy
 
-    if args.num < 2:
-        raise ValueError(f"--num must be >= 2, got {args.num}")
+    # Everything that can be checked before the work is checked first (nothing is lost at the end).
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.num <= args.k:
+        raise ValueError(f"--num {args.num} must exceed --k {args.k} (each sample needs k neighbours among the others)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.alpha) or args.alpha < 0:
+        raise ValueError(f"--alpha must be a finite number >= 0, got {args.alpha}")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {ckpt}")
-    device = torch.device(args.device)
+    out = Path(args.out) if args.out else ckpt.parent / "eval.json"
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give the JSON file to write")
+    device = check_device(args.device)
     start = time.perf_counter()
     raw, ema = load_joint_model(ckpt, ema=False, device=device), load_joint_model(ckpt, ema=True, device=device)
     test = load_dataset(raw.dataset, "test", raw.data_dir)
@@ -108,6 +120,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
         data = np.load(path)
         if "images" not in data or "labels" not in data:
             raise ValueError(f"{path} lacks 'images' and 'labels' (write it with python -m jdm_fast.sample)")
+        u = raw.model.unet.config
+        want = (u.image_size, u.image_size, u.in_channels)
+        if data["images"].ndim != 4 or data["images"].shape[1:] != want:
+            raise ValueError(f"--samples {path} holds images of shape {data['images'].shape[1:]} (N, H, W, C) but the "
+                             f"model makes {want}")
         sets["samples"] = (data["images"], data["labels"])
     else:
         lm = ema if args.ema else raw
@@ -127,7 +144,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
             entry[f"class_consistency[{fc.name}]"] = float((fc.predict(images[has]) == labels[has]).mean())
         results[name] = entry
     results["seconds"] = time.perf_counter() - start
-    out = Path(args.out) if args.out else ckpt.parent / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     log(format_table(results))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from jdm_fast.generation import (
     head_probabilities,
     load_joint_model,
 )
+from jdm_fast.training.config import check_device
 from jdm_fast.training.images import from_uint8, save_grid, to_uint8
 
 DEFAULTS = SampleSettings()
@@ -123,6 +125,16 @@ def parse_steps(text: str) -> int | None:
 def validate(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, values in (("--alpha", args.alpha), ("--t-start", args.t_start), ("--guidance-scale", [args.guidance_scale]),
+                         ("--steer-until", [args.steer_until])):
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{flag} must be finite, got {bad[0]}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder to write the samples into")
+    check_device(args.device)
     for t in args.t_start:
         if not 0.0 < t <= 1.0:
             raise ValueError(f"--t-start must lie in (0, 1] (a fraction of T), got {t}")
@@ -176,8 +188,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
     validate(args)
     steps = parse_steps(args.steps)
     sampler = args.sampler or ("ancestral" if steps is None else DEFAULT_SAMPLER[args.mode])
-    device = torch.device(args.device)
+    device = check_device(args.device)
     lm = load_joint_model(args.checkpoint, ema=args.ema, device=device)
+    T = lm.model.diffusion.num_timesteps
+    if steps is not None and steps > T:
+        raise ValueError(f"--steps {steps} exceeds the model's {T} diffusion steps (use at most {T}, or 'full')")
     model, k = lm.model, lm.num_classes
     if args.cls is not None:
         check_class(args.cls, k)

@@ -166,9 +166,15 @@ def test_sample_cli_writes_npz_and_grid(trained_run, tmp_path, capsys):
     (["--steps", "zero"], "--steps must be a positive int or 'full'"),
     (["--mode", "cond", "--inner-steps", "0"], "--inner-steps must be >= 1"),
     (["--mode", "cond", "--head-views", "0"], "--head-views must be >= 1"),
+    (["--mode", "cond", "--alpha", "nan"], "--alpha must be finite"),
+    (["--steps", "100000"], "--steps 100000 exceeds the model's 100 diffusion steps"),
+    (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--out", "FILE"], "is a file: give a folder"),
 ])
 def test_sample_cli_bad_input_errors_clearly(trained_run, argv, match, capsys, tmp_path):
     ckpt, _ = trained_run
+    (tmp_path / "FILE").write_text("not a folder")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
     base = ["--checkpoint", str(ckpt), "--num", "2", "--steps", "2", "--out", str(tmp_path)]
     assert sample_cli.main(base + argv) == 2
     import re
@@ -187,3 +193,24 @@ def test_evaluate_cli_on_samples_npz(trained_run, tmp_path, capsys):
     assert 0 <= r["samples"]["precision[digits-features]"] <= 1
     assert "NOT comparable to published FID" in capsys.readouterr().out
     assert eval_cli.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--num", "2"], "--num 2 must exceed --k 3"),
+    (["--out", "DIR"], "is a directory: give the JSON file"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--samples", "BIG"], r"holds images of shape \(64, 64, 1\) .* but the model makes \(28, 28, 1\)"),
+])
+def test_evaluate_cli_checks_its_input_before_any_work(trained_run, tmp_path, argv, match, capsys, monkeypatch):
+    """Bad --num/--out/--alpha fail before any work (they failed after minutes of it, losing it),
+    and samples of another image size are refused instead of scored."""
+    import re
+    ckpt, _ = trained_run
+    np.savez(tmp_path / "big.npz", images=np.zeros((4, 64, 64, 1), np.uint8), labels=np.full(4, -1))
+    argv = [str(tmp_path) if a == "DIR" else str(tmp_path / "big.npz") if a == "BIG" else a for a in argv]
+    if "--samples" not in argv:
+        def no_work(*a, **k):
+            raise AssertionError("the model was loaded before the options were checked")
+        monkeypatch.setattr(eval_cli, "load_joint_model", no_work)
+    assert eval_cli.main(["--checkpoint", str(ckpt), *argv]) == 2
+    assert re.search(match, capsys.readouterr().err)

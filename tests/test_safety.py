@@ -115,3 +115,26 @@ def test_safe_load_is_what_every_loader_uses():
                 offenders.append(f"{p.relative_to(root)}:{i}")
     assert not offenders, offenders
     assert callable(safe_load) and issubclass(UnsafeFileError, CheckpointError)
+
+
+def test_op_edge_cases_get_clear_errors():
+    """Inputs that returned NaN, truncated silently or crashed deep inside now name the argument."""
+    from jdm_fast.diffusion import GaussianDiffusion, make_betas
+    from jdm_fast.ops import attention, group_norm_silu
+    from jdm_fast.ops import noise as N
+
+    d = GaussianDiffusion(make_betas("jdm_linear", 100))
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([1, 5])
+    a, b = d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod
+    with pytest.raises(TypeError, match="offset must be an int, got float"):
+        N.q_sample_philox(x, t, a, b, 0, 3.7)
+    with pytest.raises(ValueError, match=r"offset must lie in \[0, 2\^63\)"):
+        N.q_sample_philox(x, t, a, b, 0, 2**63)
+    assert torch.equal(N.q_sample_philox(x, t, a, b, 0, np.int64(5))[1], N.q_sample_philox(x, t, a, b, 0, 5)[1])
+    with pytest.raises(ValueError, match="eps_mse: eps_hat is empty"):
+        N.eps_mse(torch.empty(0, 3), torch.empty(0, 3))
+    for eps in (0.0, -1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            group_norm_silu(torch.randn(2, 4, 3, 3), 2, eps=eps)
+    with pytest.raises(ValueError, match="head dim D must be >= 1"):
+        attention(*torch.randn(3, 1, 2, 4, 0))

@@ -200,6 +200,11 @@ def test_amp_on_a_cpu_without_native_bf16_runs_fp32(monkeypatch):
     (["--preset", "imagenet"], "unknown preset 'imagenet'"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--labelled-fraction", "1.5"], "--labelled-fraction"),
+    (["--classifier-weight", "nan"], "--classifier-weight (lambda) must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--num-timesteps", "0"], "--num-timesteps must be >= 1"),
+    (["--seed", str(2**70)], "--seed must be in [0, 2^63)"),
+    (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_cli_rejects_bad_options(argv, match, capsys):
     with pytest.raises(SystemExit) as e:

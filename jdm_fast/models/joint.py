@@ -16,6 +16,7 @@ reproduces the single-process gradient. A run then does not depend on how many p
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -51,8 +52,8 @@ class JointConfig:
         if self.classifier_input not in CLASSIFIER_INPUTS:
             raise ValueError(f"JointConfig: classifier_input must be one of {CLASSIFIER_INPUTS}, "
                              f"got {self.classifier_input!r}")
-        if self.classifier_weight < 0:
-            raise ValueError(f"JointConfig: classifier_weight (lambda) must be >= 0, got {self.classifier_weight}")
+        if not math.isfinite(self.classifier_weight) or self.classifier_weight < 0:
+            raise ValueError(f"--classifier-weight (lambda) must be a finite number >= 0, got {self.classifier_weight}")
 
 
 # Philox counter word 2 tags keep the counter-based streams of the loss apart from each other and

@@ -44,6 +44,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"attention: head dim D must be >= 1, got shape {tuple(q.shape)}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim D={q.shape[-1]} exceeds the supported maximum {MAX_HEAD_DIM}")
 

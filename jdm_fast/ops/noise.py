@@ -49,6 +49,7 @@ inputs are copied; outputs are contiguous. The sampler steps have no autograd.
 """
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Optional
@@ -250,7 +251,16 @@ def _offset(offset) -> int | torch.SymInt:
     """The stream offset as the op's SymInt argument: a symbolic int under torch.compile stays
     symbolic (int() would specialize the graph on it and recompile at every training step, whose
     offset changes every step), anything else becomes a Python int."""
-    return offset if isinstance(offset, torch.SymInt) else int(offset)
+    if isinstance(offset, torch.SymInt) or torch.compiler.is_compiling():
+        # while tracing, int() keeps a dynamic int symbolic (operator.index would specialize it)
+        return offset if isinstance(offset, torch.SymInt) else int(offset)
+    try:
+        offset = operator.index(offset)  # ints (NumPy's too); a float is never truncated silently
+    except TypeError:
+        raise TypeError(f"offset must be an int, got {type(offset).__name__} {offset!r}") from None
+    if not 0 <= offset < 2**63:
+        raise ValueError(f"offset must lie in [0, 2^63), got {offset}")
+    return offset
 
 
 def _seed64(seed: int) -> int:
@@ -458,10 +468,9 @@ def q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one
     T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
                       sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
     _check_t(op, "t", t, x0, 0, T)
-    if int(offset) < 0:
-        raise ValueError(f"{op}: offset must be >= 0, got {offset}")
+    offset = _offset(offset)
     f = reference.q_sample_philox if _use_reference() else torch.ops.jdm_fast.q_sample_philox
-    return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), int(offset))
+    return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), offset)
 
 
 def _check_first_example(op: str, first_example, device: torch.device) -> None:
@@ -525,6 +534,8 @@ def counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: i
 
 def eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
     """``mean((eps_hat - noise)^2)`` as a float32 scalar; noise in eps_hat's dtype or float32."""
+    if isinstance(eps_hat, Tensor) and eps_hat.numel() == 0:
+        raise ValueError("eps_mse: eps_hat is empty (the mean of no elements is undefined)")
     if _compiled():
         return torch.ops.jdm_fast.eps_mse(eps_hat, noise)
     op = "eps_mse"
@@ -562,10 +573,11 @@ def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cu
                       posterior_mean_coef1=posterior_mean_coef1, posterior_mean_coef2=posterior_mean_coef2,
                       log_variance=log_variance)
     _check_t(op, "t", t, x_t, 0, T)
-    _check_step_noise(op, noise, seed, int(offset), x_t)
+    offset = _offset(offset)
+    _check_step_noise(op, noise, seed, offset, x_t)
     f = reference.ancestral_step if _use_reference() else torch.ops.jdm_fast.ancestral_step
     return f(x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
-             posterior_mean_coef2, log_variance, bool(clip_denoised), noise, seed, int(offset))
+             posterior_mean_coef2, log_variance, bool(clip_denoised), noise, seed, offset)
 
 
 def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
@@ -587,6 +599,7 @@ def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cu
         raise ValueError(f"{op}: eta must lie in [0, 1], got {eta}")
     if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool((t_prev >= t).any()):
         raise ValueError(f"{op}: t_prev must be smaller than t for every example")
-    _check_step_noise(op, noise, seed, int(offset), x_t)
+    offset = _offset(offset)
+    _check_step_noise(op, noise, seed, offset, x_t)
     f = reference.ddim_step if _use_reference() else torch.ops.jdm_fast.ddim_step
-    return f(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised), noise, seed, int(offset))
+    return f(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised), noise, seed, offset)

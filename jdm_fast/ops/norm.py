@@ -14,6 +14,8 @@ Three implementations, chosen per call (``jdm_fast.ops.backends``):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op
@@ -170,6 +172,8 @@ def group_norm_silu(
         raise ValueError(f"group_norm_silu: num_channels={c} must be divisible by num_groups={num_groups}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm_silu: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"group_norm_silu: eps must be a finite number > 0, got {eps!r}")
     _affine("weight", weight, x)
     _affine("bias", bias, x)
     scale, shift = _film("scale", scale, x), _film("shift", shift, x)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+
+import torch
 from dataclasses import dataclass
 
 from jdm_fast.models.config import HeadConfig, UNetConfig
@@ -10,6 +14,22 @@ from jdm_fast.models.joint import JointConfig
 from jdm_fast.training.evaluation import SAMPLERS
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
+def _device_ok(name: str) -> bool:
+    return name in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", name))
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` of the CLIs as a torch.device, or a ValueError naming what is wrong."""
+    if not _device_ok(name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 @dataclass(frozen=True)
@@ -52,7 +72,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             object.__setattr__(self, "model", JointConfig(**self.model))
+        floats = {"--lr": self.lr, "--weight-decay": self.weight_decay, "--grad-clip": self.grad_clip,
+                  "--ema-decay": self.ema_decay, "--labelled-fraction": self.labelled_fraction}
+        for flag, value in floats.items():  # NaN passes every comparison: name it first
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{flag} must be a finite number, got {value}")
         checks = [
+            (self.num_timesteps >= 1, f"--num-timesteps must be >= 1, got {self.num_timesteps}"),
+            (0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
+            (_device_ok(self.device), f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
@@ -70,7 +99,6 @@ class TrainConfig:
              f"--sample-steps must be in [1, {self.num_timesteps}], got {self.sample_steps}"),
             (self.sampler in SAMPLERS, f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}"),
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
-            (self.num_timesteps >= 1, f"num_timesteps must be >= 1, got {self.num_timesteps}"),
             (self.max_nonfinite >= 1, f"--max-nonfinite must be >= 1, got {self.max_nonfinite}"),
         ]
         for ok, msg in checks:
