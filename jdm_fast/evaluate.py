@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
                    f"{FEATURE_CLASSIFIER_NAME}; trained on demand)")
     p.add_argument("--train-feature-classifier", action="store_true", help="(re)train the feature classifier")
     p.add_argument("--k", type=int, default=3, help="neighbours of precision/recall")
+    p.add_argument("--data-dir", help="where the model's dataset lives now (default: the path in the checkpoint)")
     p.add_argument("--out", help="JSON results (default <checkpoint folder>/eval.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -101,12 +102,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
     device = check_device(args.device)
     start = time.perf_counter()
     raw, ema = load_joint_model(ckpt, ema=False, device=device), load_joint_model(ckpt, ema=True, device=device)
-    test = load_dataset(raw.dataset, "test", raw.data_dir)
+    data_dir = args.data_dir or raw.data_dir
+    test = load_dataset(raw.dataset, "test", data_dir)
     results: dict = {"checkpoint": str(ckpt), "step": raw.step, "dataset": raw.dataset,
                      "test_accuracy_raw": test_accuracy(raw.model, test, device),
                      "test_accuracy_ema": test_accuracy(ema.model, test, device)}
     fc = get_feature_classifier(Path(args.feature_classifier or ckpt.parent / FEATURE_CLASSIFIER_NAME), raw.dataset,
-                                raw.data_dir, retrain=args.train_feature_classifier, device=args.device, log=log)
+                                data_dir, retrain=args.train_feature_classifier, device=args.device, log=log)
     results["feature_classifier"] = {k: fc.info.get(k) for k in ("test_accuracy", "seed", "steps")}
     extractor = InceptionFeatures(args.inception_weights, device=args.device) if args.inception_weights else fc
     results["feature_extractor"] = extractor.name

@@ -100,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--authors-variant", action="store_true",
                    help="cond/counterfactual: the authors' update (+alpha, away from the target) with the raw "
                         "timestep fed to the head on x_t's representations, to show the difference")
+    p.add_argument("--data-dir", help="where the model's dataset lives now (default: the path in the checkpoint; "
+                   "counterfactuals read its test split)")
     p.add_argument("--out", help="output folder (default <checkpoint folder>/samples_<mode>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA (default) or --no-ema "
@@ -236,7 +238,7 @@ def _run_counterfactuals(args, lm, steps, sampler, g, out: Path, log) -> dict:
     if args.images:
         imgs, labels = load_images(args.images, lm.image_shape), None
     else:
-        test = load_dataset(lm.dataset, "test", lm.data_dir)
+        test = load_dataset(lm.dataset, "test", args.data_dir or lm.data_dir)
         idx = np.random.default_rng(args.seed).permutation(len(test))[:args.num]
         imgs, labels = test.images[idx], torch.from_numpy(test.labels[idx]).long()
     x0 = from_uint8(imgs, lm.model.unet.input_conv.weight.device)

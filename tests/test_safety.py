@@ -3,6 +3,7 @@ something, names the file and what it asked for, and the payload never runs. The
 are harmless: a pickled call of os.mkdir that would create a marker folder."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -138,3 +139,43 @@ def test_op_edge_cases_get_clear_errors():
             group_norm_silu(torch.randn(2, 4, 3, 3), 2, eps=eps)
     with pytest.raises(ValueError, match="head dim D must be >= 1"):
         attention(*torch.randn(3, 1, 2, 4, 0))
+
+
+def _folder_dataset(root: Path, bits: int = 8) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in range(5):
+            img = rng.integers(0, 2**bits, (28, 28)).astype(np.uint16 if bits == 16 else np.uint8)
+            Image.fromarray(img).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG read as 8 bits: PIL's conversion clipped 99.5% of its pixels to 255."""
+    from jdm_fast.data import load_dataset
+
+    _folder_dataset(tmp_path / "d16", bits=16)
+    images = load_dataset(str(tmp_path / "d16"), "train").images
+    assert images.dtype == np.uint8 and 0.3 < images.mean() / 255 < 0.7 and (images == 255).mean() < 0.01
+
+
+def test_checkpoints_store_absolute_data_paths_and_sample_evaluate_take_data_dir(tmp_path):
+    from jdm_fast.data import load_dataset
+
+    _folder_dataset(tmp_path / "work" / "mydigits")
+    out = tmp_path / "work" / "run"
+    proc = subprocess.run([sys.executable, "-m", "jdm_fast.train", "--preset", "tiny", "--device", "cpu", "--steps", "2",
+                           "--dataset", "mydigits", "--out", "run"], cwd=tmp_path / "work", capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stored = json.loads((out / "config.json").read_text())["dataset"]
+    assert stored == str((tmp_path / "work" / "mydigits").resolve())
+    # an older checkpoint's relative folder name is found through --data-dir (the folder itself)
+    assert len(load_dataset("mydigits", "test", str(tmp_path / "work" / "mydigits"))) == 10
+    for cli in ("sample", "evaluate"):
+        help_text = subprocess.run([sys.executable, "-m", f"jdm_fast.{cli}", "--help"], capture_output=True, text=True,
+                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+        assert "--data-dir" in help_text

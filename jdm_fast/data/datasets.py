@@ -216,7 +216,8 @@ def load_dataset(
     Args:
         name: ``"digits"`` (embedded default), ``"mnist"``, ``"fashionmnist"``, ``"cifar10"``,
             ``"cifar100"``, ``"svhn"``, or the path of an image folder (also tried relative to
-            ``data_dir``). Known names win over a folder of the same name.
+            ``data_dir``, and as ``data_dir`` itself when that folder has its name). Known names
+            win over a folder of the same name.
         split: ``"train"`` or ``"test"``.
         data_dir: folder holding the dataset files (all known names except ``"digits"``).
     """
@@ -245,8 +246,11 @@ def load_dataset(
             "svhn": _load_svhn,
         }
         return readers[key](key, root, split)
-    for candidate in (Path(name), Path(data_dir) / name if data_dir is not None else None):
-        if candidate is not None and candidate.is_dir():
+    candidates = [Path(name)]
+    if data_dir is not None:  # the folder under data_dir, or data_dir itself when it is that folder
+        candidates += [Path(data_dir) / name] + ([Path(data_dir)] if Path(data_dir).name == Path(name).name else [])
+    for candidate in candidates:
+        if candidate.is_dir():
             return _load_folder(candidate, split)
     raise DatasetError(
         f"unknown dataset {name!r}: not one of {', '.join(DATASET_INFO)} and not an existing "
@@ -494,13 +498,25 @@ def _open_header(path: Path) -> tuple[str, tuple[int, int]]:
 
 
 def _read_image(path: Path, mode: str) -> np.ndarray:
-    """Decode one image to uint8 ``(H, W)`` for mode ``"L"`` or ``(H, W, 3)`` for ``"RGB"``."""
+    """Decode one image to uint8 ``(H, W)`` for mode ``"L"`` or ``(H, W, 3)`` for ``"RGB"``.
+
+    16-bit greyscale (PIL modes I;16*, I) is scaled to 8 bits (v / 257, rounded): PIL's own
+    conversion clips it, which read a 16-bit PNG with 99.5% of its pixels at 255. Other 16-bit
+    layouts (16-bit RGB PNGs open as 8-bit in PIL) need nothing."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I;16") or im.mode == "I":
+                v = np.asarray(im, dtype=np.float64)
+                if v.min() < 0 or v.max() > 65535:
+                    raise DatasetError(f"{path}: {im.mode} image with values outside [0, 65535]: not a 16-bit image")
+                grey = np.round(v / 257.0).astype(np.uint8)
+                return grey if mode == "L" else np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(im.convert(mode), dtype=np.uint8)
+    except DatasetError:
+        raise
     except Exception as e:  # truncated data only shows up when decoding
         raise DatasetError(f"{path}: unreadable or corrupt image ({type(e).__name__}: {e})") from e
 
