@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"
     if main_process:
         print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
-    from jdm_fast.training.checkpoint import CheckpointError
+    from jdm_fast.training.checkpoint import CheckpointError, StorageError, storage_error
     from jdm_fast.training.loop import NonFiniteLossError, Preempted, train  # heavy imports after validation
 
     try:
@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: name it, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, CheckpointError) as e:
+    except (NonFiniteLossError, CheckpointError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # any other refused write (metrics, sample grids): one line, no traceback
+        path = e.filename or cfg.out
+        print(f"error: {storage_error(e, path) if e.errno is not None else e}", file=sys.stderr)
         return 1
     return 0
 

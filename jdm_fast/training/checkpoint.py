@@ -17,11 +17,17 @@ numbers, strings, torch dtypes) with one allow-listed addition, the NumPy array 
 that the NumPy RNG state of older checkpoints needs (new ones store it as plain lists). A file that
 asks for anything else (a pickled callable, say) is refused with :class:`UnsafeFileError` naming
 the file and the global it asked for; nothing in it runs.
+
+A write that the operating system refuses (no space, no permission, a read-only file system)
+raises :class:`StorageError`, one line naming the path, the reason and, for a full disk, the bytes
+needed and free; the temp file is removed and the checkpoints already on disk are untouched.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import pickle
 import random
 import re
@@ -42,6 +48,50 @@ class CheckpointError(RuntimeError):
 
 class UnsafeFileError(CheckpointError):
     """The file asks to load Python objects outside the allow-list: refused, nothing run."""
+
+
+class StorageError(OSError):
+    """The operating system refused a write (full disk, no permission, read-only file system);
+    ``str()`` is one line naming the path and what to do."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "storage error"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free to this user on the file system holding ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(folder).free
+            return None
+    return None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def storage_error(e: OSError, path: Path, action: str = "writing", needed: int | None = None) -> StorageError:
+    """A :class:`StorageError` for ``e`` (raised while ``action`` ``path``): one line, the reason first."""
+    path = Path(path)
+    code = e.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(path.parent)
+        need = f"needs about {_mb(needed)}, " if needed else ""
+        have = f"{_mb(free)} free" if free is not None else "free space unknown"
+        msg = (f"no space left on the device {action} {path} ({need}{have}); the checkpoints already in "
+               f"{path.parent} are intact. Free space, or resume with --out on another disk after copying the run folder")
+    elif code in (errno.EACCES, errno.EPERM):
+        msg = f"permission denied {action} {path}: make the folder writable for this user, or choose another --out"
+    elif code == errno.EROFS:
+        msg = f"read-only file system {action} {path}: choose an --out on a writable file system"
+    else:
+        msg = f"{e.strerror or e} {action} {path}"
+    err = StorageError(msg)
+    err.errno, err.strerror, err.filename = code, e.strerror, str(path)
+    return err
 
 
 def _numpy_globals() -> list:
@@ -91,12 +141,16 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return stale
 
 
-def atomic_write(path: Path, write, verify=None, before_replace=None) -> None:
+def atomic_write(path: Path, write, verify=None, before_replace=None, size_hint: int | None = None) -> None:
     """Call ``write(file_object)`` on a temp file next to ``path``, fsync it, run ``verify(temp_path)``
     and then ``before_replace()`` if given, then rename it to ``path``. On any error the temp file is
-    removed and ``path`` is untouched."""
+    removed and ``path`` is untouched; an error of the operating system (full disk, permissions)
+    becomes a :class:`StorageError` (``size_hint``: the bytes the file needs, for its message)."""
     path = Path(path)
-    fd, tmp = _temp_name(path)
+    try:
+        fd, tmp = _temp_name(path)
+    except OSError as e:
+        raise storage_error(e, path, "creating a temp file for", size_hint) from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -108,10 +162,25 @@ def atomic_write(path: Path, write, verify=None, before_replace=None) -> None:
             before_replace()
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno is not None:
+            raise storage_error(e, path, "writing", size_hint) from e
         raise
+
+
+def state_bytes(state) -> int:
+    """The bytes of the tensors (and NumPy arrays) in a nested state: about what ``torch.save`` writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, np.ndarray):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def _torch_save(state: dict, f) -> None:
@@ -146,7 +215,7 @@ def save_checkpoint(path: Path, state: dict, keep_previous: bool = True) -> None
                 link.unlink()
             os.replace(path, previous)
 
-    atomic_write(path, lambda f: _torch_save(state, f), verify_checkpoint, keep_old)
+    atomic_write(path, lambda f: _torch_save(state, f), verify_checkpoint, keep_old, size_hint=state_bytes(state))
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -34,15 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from jdm_fast.data import ImageDataset, apply_augment, default_augment, infinite_batches, load_dataset
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training import distributed
-from jdm_fast.training.checkpoint import (CHECKPOINT_NAME, checkpoint_files, load_latest, remove_stale_temps,
-                                          rng_state, save_checkpoint, set_rng_state)
+from jdm_fast.training.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, checkpoint_files, free_bytes,
+                                          load_latest, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
+                                          state_bytes, storage_error)
 from jdm_fast.training.config import TrainConfig
 from jdm_fast.training.distributed import Dist
 from jdm_fast.training.evaluation import preview_samples, test_accuracy
@@ -221,8 +222,37 @@ def _probe_cpu_amp(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, prec
 
 
 def _export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None:
+    """Atomic, like checkpoints: a full disk leaves the previous export (or none), never a torn one."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"config": cfg.to_json()})
+    data = safetensors_bytes(tensors, metadata={"config": cfg.to_json()})
+    atomic_write(path, lambda f: f.write(data), size_hint=len(data))
+
+
+# A checkpoint holds the model, its EMA copy and Adam's two moments (+ small state); while one is
+# rotated in the run folder holds three (latest, previous, the one being written), and the run
+# ends by exporting two safetensors copies of the weights.
+_CHECKPOINTS_ON_DISK = 3
+
+
+def _check_free_space(out: Path, model: torch.nn.Module, existing: list[Path]) -> int:
+    """Refuse to start when the file system of ``out`` cannot hold the run's files; returns the
+    estimated bytes of one checkpoint."""
+    state = model.state_dict()
+    params = list(model.parameters())
+    # torch.save adds ~320 bytes per tensor (zip headers, 64-byte alignment, pickle), safetensors ~100
+    # (its JSON header); 64 kB covers the rest (config, RNG states, scheduler, scaler).
+    weights = state_bytes(state) + 512 * len(state)
+    moments = sum(p.numel() * p.element_size() + 512 for p in params)
+    per_checkpoint = 2 * weights + 2 * moments + 65_536
+    export = state_bytes(state) + 256 * len(state) + 65_536
+    needed = max(0, _CHECKPOINTS_ON_DISK * per_checkpoint - sum(p.stat().st_size for p in existing)) + 2 * export
+    free = free_bytes(out)
+    if free is not None and free < needed:
+        raise StorageError(
+            f"not enough free space for the run in {out}: it needs about {needed / 1e6:,.1f} MB ({_CHECKPOINTS_ON_DISK} "
+            f"checkpoints of ~{per_checkpoint / 1e6:,.1f} MB while one is rotated in, and 2 safetensors exports), "
+            f"{free / 1e6:,.1f} MB are free. Free space or choose an --out on another disk")
+    return per_checkpoint
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -332,10 +362,20 @@ def _train(cfg: TrainConfig, ctx: Dist, device: torch.device, log) -> dict:
         raise FileExistsError(f"{existing[0]} exists: pass --resume to continue that run, or choose another --out")
     ctx.barrier()  # every process has looked before rank 0 writes anything
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as e:
+            raise FileExistsError(f"--out {out} exists and is not a folder") from e
+        except OSError as e:
+            raise storage_error(e, out, "creating the run folder") from e
     with contextlib.ExitStack() as stack:
         if ctx.is_main:
-            stack.enter_context(_RunLock(out, log))
+            try:
+                stack.enter_context(_RunLock(out, log))
+            except FileExistsError:
+                raise
+            except OSError as e:  # the first write into --out: permissions, read-only file system, full disk
+                raise storage_error(e, out / ".lock", "creating") from e
         return _train_locked(cfg, ctx, device, log, out, ckpt_path, local_batch, stack)
 
 
@@ -375,6 +415,8 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
     channels_last = cfg.channels_last if cfg.channels_last is not None else True
     trainer = TrainStep.from_config(cfg, model, precision, compile=use_compile, dist=ctx, channels_last=channels_last)
     optimizer, scheduler, scaler, ema = trainer.optimizer, trainer.scheduler, trainer.scaler, trainer.ema
+    if ctx.is_main:  # before any step: a run that cannot save its first checkpoint does not start
+        _check_free_space(out, model, checkpoint_files(out))
     start_step = 0
     if cfg.resume:
         start_step, precision = _restore(cfg, ctx, device, out, log, model, trainer)
