@@ -31,7 +31,6 @@ from jdm_fast.training.ema import EMA
 from jdm_fast.training.precision import Precision, autocast
 
 
-
 class StepResult(NamedTuple):
     losses: Any  # what the model's forward returned (JointLoss for JointDiffusion); losses[0] is the total
     nonfinite: torch.Tensor  # 0-d bool on the device: the total was non-finite, the update was skipped
