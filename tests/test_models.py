@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _compare import assert_same_losses_and_grads, one_thread, perturb_zero_params
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import BatchKey, JointConfig, JointDiffusion
@@ -129,24 +130,15 @@ def test_one_encoder_call_equals_two(preset):
     diffusion = GaussianDiffusion(make_betas("jdm_linear", 100))
     torch.manual_seed(0)
     one = JointDiffusion(cfg, diffusion).train()
-    with torch.no_grad():  # zero-initialised output convs would hide the decoder's gradients
-        for p in one.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.05)
+    perturb_zero_params(one)
     two = JointDiffusion(dataclasses.replace(cfg, fuse_encoder_passes=False), diffusion).train()
     two.load_state_dict(one.state_dict())
     u = cfg.unet
     x0 = torch.rand(6, u.in_channels, u.image_size, u.image_size) * 2 - 1
     y = torch.tensor([0, 3, -1, 9, 2, 2])
     key = BatchKey(3, 5, 0, 6, 5)
-    a, b = one(x0, y, key=key), two(x0, y, key=key)
-    for term in ("total", "diffusion", "classifier"):
-        torch.testing.assert_close(getattr(a, term), getattr(b, term), rtol=1e-5, atol=1e-7, msg=term)
-    a.total.backward()
-    b.total.backward()
-    for (name, pa), pb in zip(one.named_parameters(), two.parameters()):
-        err = (pa.grad - pb.grad).norm() / pb.grad.norm().clamp_min(1e-30)
-        assert err <= 1e-5, (name, err.item())
+    with one_thread():
+        assert_same_losses_and_grads(one, one(x0, y, key=key), two, two(x0, y, key=key))
 
 
 def test_classifier_on_noisy_input_uses_the_diffusion_pass():

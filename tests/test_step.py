@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _compare import assert_same_losses_and_grads, one_thread, perturb_zero_params
 from jdm_fast.models.joint import BatchKey
 from jdm_fast.nn import GroupNormSiLU, SelfAttention2d
 from jdm_fast.ops import backend
@@ -30,10 +31,7 @@ def _setup(preset="tiny", **changes):
                                                                                                  dropout=0.0)))
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
-    with torch.no_grad():  # zero-initialised output convs would hide the decoder's gradients
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.05)
+    perturb_zero_params(model)
     u = cfg.model.unet
     g = torch.Generator().manual_seed(1)
     x = torch.rand(cfg.batch_size, u.in_channels, u.image_size, u.image_size, generator=g) * 2 - 1
@@ -93,14 +91,8 @@ def test_channels_last_computes_what_nchw_computes(preset):
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     assert cl.unet.channels_last and not model.unet.channels_last
     key = BatchKey(cfg.seed, 3, 0, cfg.batch_size, int((y >= 0).sum()))
-    a, b = model(x, y, key=key), cl(x, y, key=key)
-    for term in ("total", "diffusion", "classifier"):
-        torch.testing.assert_close(getattr(b, term), getattr(a, term), rtol=1e-5, atol=1e-7, msg=term)
-    a.total.backward()
-    b.total.backward()
-    for (name, p), q in zip(model.named_parameters(), cl.parameters()):
-        err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-30)
-        assert err <= 1e-5, (name, err.item())
+    with one_thread():
+        assert_same_losses_and_grads(cl, cl(x, y, key=key), model, model(x, y, key=key))
     enc = cl.unet.encode(x, torch.zeros(x.shape[0], dtype=torch.long))
     assert all(s.is_contiguous(memory_format=torch.channels_last) for s in enc.skips[1:])
 
