@@ -108,9 +108,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
                      "test_accuracy_raw": test_accuracy(raw.model, test, device),
                      "test_accuracy_ema": test_accuracy(ema.model, test, device)}
     fc = get_feature_classifier(Path(args.feature_classifier or ckpt.parent / FEATURE_CLASSIFIER_NAME), raw.dataset,
-                                data_dir, retrain=args.train_feature_classifier, device=args.device, log=log)
+                                data_dir, retrain=args.train_feature_classifier, device=str(device), log=log)
     results["feature_classifier"] = {k: fc.info.get(k) for k in ("test_accuracy", "seed", "steps")}
-    extractor = InceptionFeatures(args.inception_weights, device=args.device) if args.inception_weights else fc
+    extractor = InceptionFeatures(args.inception_weights, device=str(device)) if args.inception_weights else fc
     results["feature_extractor"] = extractor.name
     real = _RealSet(extractor.features(test.images), args.k)
 
