@@ -55,17 +55,6 @@ def cuda_ms(run, iters: int = 10) -> float | None:
     return start.elapsed_time(end) / iters
 
 
-PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}  # HBM bandwidth, vendor figures
-
-
-def peak_bandwidth_gbs(device: torch.device) -> float | None:
-    """The device's peak memory bandwidth in GB/s where known (CUDA devices in PEAK_GBPS)."""
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
-
-
 # The floors a GPU case is measured against (DESIGN.md, "two numbers"): HBM bandwidth and dense
 # bf16/fp16 tensor-core rate, by the vendor's datasheet and as measured on this workplace's H200
 # (a large device-to-device copy: ~4.3 TB/s; an 8192^3 bf16 matmul on random data: ~790 TFLOP/s).
@@ -76,14 +65,25 @@ DEVICE_CEILINGS = {  # name substring: (vendor GB/s, measured GB/s, vendor TFLOP
 }
 
 
+def _ceilings(device) -> tuple | None:
+    """The DEVICE_CEILINGS row of a CUDA device; None for CPUs and unknown GPUs."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DEVICE_CEILINGS.items() if k in name), None)
+
+
+def peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """The device's peak memory bandwidth in GB/s (vendor figure) where known."""
+    ceil = _ceilings(device)
+    return None if ceil is None else ceil[0]
+
+
 def lower_bound(device, bytes_moved: float, flops: float = 0.0) -> dict:
     """The case's lower-bound time on this device, ``max(bytes / bandwidth, flops / rate)``, from the
     vendor figures (``bound_ms``) and from the measured ceilings where known (``bound_measured_ms``);
     empty on CPUs and unknown GPUs. ``fraction_of_bound`` is filled in by :func:`with_fraction`."""
-    if torch.device(device).type != "cuda":
-        return {}
-    name = torch.cuda.get_device_name(device)
-    ceil = next((v for k, v in DEVICE_CEILINGS.items() if k in name), None)
+    ceil = _ceilings(device)
     if ceil is None:
         return {}
     bw, bw_meas, rate, rate_meas = ceil

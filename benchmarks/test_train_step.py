@@ -42,7 +42,7 @@ def _run(benchmark, variant, preset, batch, device, compile_ok, rounds, warmup):
     x, y = tb.synthetic_batch(preset, batch, device)
     tb.reset_memory(device)  # the previous variant's model and optimizer are gone with its test
     step = tb.make_step(model, precision, compile, preset, keyed=tb.is_engine(variant),
-                        channels_last=tb.channels_last(variant, device))
+                        channels_last=tb.channels_last(variant))
 
     def run():
         loss = step(x, y)
@@ -81,7 +81,7 @@ def test_train_step_cpu(benchmark, preset, batch, request):
         model, precision, compile = tb.build(variant, preset, device)
         compile = compile and (variant != "engine")  # the engine as the trainer runs it on CPUs: uncompiled
         steps[variant] = tb.make_step(model, precision, compile, preset, keyed=tb.is_engine(variant),
-                                      channels_last=tb.channels_last(variant, device))
+                                      channels_last=tb.channels_last(variant))
         precisions[variant] = precision
         steps[variant](x, y)  # the first step outside the rounds (compilation, allocator warm-up)
     times: dict[str, list[float]] = {v: [] for v in baselines}

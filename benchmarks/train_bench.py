@@ -86,7 +86,7 @@ def is_engine(variant: str) -> bool:
     return variant.startswith("engine")
 
 
-def channels_last(variant: str, device: torch.device) -> bool:
+def channels_last(variant: str) -> bool:
     """The engine variants run the trainer's default layout (channels-last), but one."""
     return is_engine(variant) and variant != "engine_eager_nchw"
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         model, precision, compile = tb.build(variant, args.preset, device)
         step = tb.make_step(model, precision, compile, args.preset, keyed=tb.is_engine(variant),
-                            compile_mode=args.compile_mode, channels_last=tb.channels_last(variant, device))
+                            compile_mode=args.compile_mode, channels_last=tb.channels_last(variant))
         wait = None
         if args.hold:
             def wait(variant=variant):

@@ -22,7 +22,6 @@ from jdm_fast.data.loaders import BACKENDS
 from jdm_fast.diffusion import SCHEDULES
 from jdm_fast.training.config import COMPILE_MODES, DEFAULT_PRESET, PRESETS, TrainConfig, get_preset
 
-DATASET_NAMES = ("digits", *DATASET_INFO)
 # flag -> TrainConfig field, for options that override the preset when given
 _OVERRIDES = ("data_dir", "out", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
               "ema_decay", "amp", "compile", "compile_mode", "channels_last", "augment", "labelled_fraction", "loader", "optimizer",
@@ -86,7 +85,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     # Checkpoints store absolute data paths, so sample/evaluate find them from any directory.
     if changes.get("data_dir"):
         changes["data_dir"] = str(Path(changes["data_dir"]).resolve())
-    if changes.get("dataset") and changes["dataset"].lower() not in DATASET_NAMES and Path(changes["dataset"]).is_dir():
+    if changes.get("dataset") and changes["dataset"].lower() not in DATASET_INFO and Path(changes["dataset"]).is_dir():
         changes["dataset"] = str(Path(changes["dataset"]).resolve())
     if changes.get("resume") is False:
         del changes["resume"]

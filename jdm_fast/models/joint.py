@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +28,7 @@ from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.head import ClassifierHead
 from jdm_fast.models.unet import UNet
 from jdm_fast.ops import noise as noise_ops
-from jdm_fast.ops import philox
+from jdm_fast.ops.philox import counter_timesteps  # noqa: F401 - the NumPy reference of the keyed timesteps
 
 CLASSIFIER_INPUTS = ("x0", "xt")
 
@@ -59,16 +58,6 @@ class JointConfig:
 # Philox counter word 2 tags keep the counter-based streams of the loss apart from each other and
 # from the Gaussian noise stream (which uses word 2 = 0); see jdm_fast.ops.philox.
 _DROPOUT_TAG = 0x44524F50  # "DROP"; head Dropout layer k uses tag _DROPOUT_TAG + k
-
-
-def counter_timesteps(seed: int, first_index: int, n: int, num_timesteps: int) -> np.ndarray:
-    """Timesteps of global examples ``first_index .. first_index + n - 1`` (int64, uniform in
-    ``[0, num_timesteps)``), as the keyed loss draws them on the device: example ``g`` gets
-    ``(r0 * 2^32 + r1) mod T`` of Philox4x32-10 at counter ``(g, TIME)`` under key ``seed`` (bias
-    below 2^-50 for T < 2^14), whoever draws it. The NumPy reference of ``counter_timesteps``."""
-    if first_index < 0 or n < 0:
-        raise ValueError(f"first_index and n must be >= 0, got {first_index}, {n}")
-    return philox.counter_timesteps(seed, first_index, n, num_timesteps)
 
 
 class BatchKey(NamedTuple):

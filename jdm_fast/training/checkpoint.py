@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path

@@ -5,9 +5,9 @@ import dataclasses
 import json
 import math
 import re
+from dataclasses import dataclass
 
 import torch
-from dataclasses import dataclass
 
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig

@@ -234,9 +234,8 @@ def _export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig) ->
 _CHECKPOINTS_ON_DISK = 3
 
 
-def _check_free_space(out: Path, model: torch.nn.Module, existing: list[Path]) -> int:
-    """Refuse to start when the file system of ``out`` cannot hold the run's files; returns the
-    estimated bytes of one checkpoint."""
+def _check_free_space(out: Path, model: torch.nn.Module, existing: list[Path]) -> None:
+    """Refuse to start when the file system of ``out`` cannot hold the run's files."""
     state = model.state_dict()
     params = list(model.parameters())
     # torch.save adds ~320 bytes per tensor (zip headers, 64-byte alignment, pickle), safetensors ~100
@@ -252,7 +251,6 @@ def _check_free_space(out: Path, model: torch.nn.Module, existing: list[Path]) -
             f"not enough free space for the run in {out}: it needs about {needed / 1e6:,.1f} MB ({_CHECKPOINTS_ON_DISK} "
             f"checkpoints of ~{per_checkpoint / 1e6:,.1f} MB while one is rotated in, and 2 safetensors exports), "
             f"{free / 1e6:,.1f} MB are free. Free space or choose an --out on another disk")
-    return per_checkpoint
 
 
 def _quiet(*_args, **_kwargs) -> None:
