@@ -35,6 +35,7 @@ import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from jdm_fast.kernels._launch import compile_options
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
@@ -42,13 +43,8 @@ for module, kind, index, dt, cap, kwargs in json.loads(sys.stdin.read()):
     mod = importlib.import_module(module)
     cfg = None if index is None else mod.ALL_CONFIGS[index]
     rec = {"module": module.rsplit(".", 1)[-1], "kind": kind, "config": index, "dtype": dt, "cap": cap,
-           "num_warps": getattr(cfg, "num_warps", 4), "kwargs": kwargs}
-    if hasattr(cfg, "launch"):  # per-kernel launch options (attention)
-        options = cfg.launch(kind)[1]
-    else:
-        options = {"num_warps": rec["num_warps"]}
-        if hasattr(cfg, "num_stages"):
-            options["num_stages"] = cfg.num_stages
+           "kwargs": kwargs}
+    options = compile_options(cfg, kind)
     rec["num_warps"] = options["num_warps"]
     try:
         fn, sig, const = mod.aot_compile_args(kind, cfg, dt, **kwargs)

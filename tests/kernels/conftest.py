@@ -23,18 +23,14 @@ import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from jdm_fast.kernels._launch import compile_options
 
 mod = importlib.import_module(sys.argv[1])
 out = []
 for kind, index, dt, cap, kwargs in json.loads(sys.stdin.read()):
     cfg = None if index is None else mod.ALL_CONFIGS[index]
     rec = {"job": f"{kind} {cfg} {dt} sm_{cap} {kwargs}", "kind": kind, "dt": dt, "cap": cap}
-    if hasattr(cfg, "launch"):  # per-kernel launch options (attention)
-        options = cfg.launch(kind)[1]
-    else:
-        options = {"num_warps": getattr(cfg, "num_warps", 4)}
-        if hasattr(cfg, "num_stages"):
-            options["num_stages"] = cfg.num_stages
+    options = compile_options(cfg, kind)
     try:
         fn, sig, const = mod.aot_compile_args(kind, cfg, dt, **kwargs)
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", cap, 32),
