@@ -150,5 +150,5 @@ setup(
         # NVIDIA DALI input pipelines (CPU-only mode where there is no GPU); optional at run time
         'nvidia-dali-cuda130; sys_platform == "linux" and platform_machine in "x86_64 aarch64"',
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "diffusers"]},  # diffusers: integration tests only
+    extras_require={"dev": ["pytest", "pytest-benchmark", "diffusers", "import-linter"]},  # diffusers: integration tests only; import-linter: the layer order
 )

@@ -36,7 +36,7 @@ from jdm_fast.metrics import (
     precision_recall,
 )
 from jdm_fast.training.config import check_device
-from jdm_fast.training.images import to_uint8
+from jdm_fast.data.images import to_uint8
 
 
 def parser() -> argparse.ArgumentParser:

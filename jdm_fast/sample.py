@@ -54,7 +54,7 @@ from jdm_fast.generation import (
     load_joint_model,
 )
 from jdm_fast.training.config import check_device
-from jdm_fast.training.images import from_uint8, save_grid, to_uint8
+from jdm_fast.data.images import from_uint8, save_grid, to_uint8
 
 DEFAULTS = SampleSettings()
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"
     if main_process:
         print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
-    from jdm_fast.training.checkpoint import CheckpointError, StorageError, storage_error
+    from jdm_fast.checkpoint import CheckpointError, StorageError, storage_error
     from jdm_fast.training.loop import NonFiniteLossError, Preempted, train  # heavy imports after validation
 
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from jdm_fast.training.checkpoint import load_checkpoint
+from jdm_fast.checkpoint import load_checkpoint
 
 # The "tiny" preset, shortened: a few seconds of CPU per run.
 TINY_ARGS = ["--preset", "tiny", "--device", "cpu", "--batch-size", "16", "--eval-every", "1000",

@@ -20,7 +20,7 @@ from jdm_fast.generation import (
     timestep_sequence,
 )
 from jdm_fast.generation.steering import _target_log_prob
-from jdm_fast.training.images import to_uint8
+from jdm_fast.data.images import to_uint8
 
 import generation_fixtures
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from jdm_fast.training.checkpoint import (CheckpointError, PREVIOUS_NAME, load_checkpoint, load_latest,
+from jdm_fast.checkpoint import (CheckpointError, PREVIOUS_NAME, load_checkpoint, load_latest,
                                           save_checkpoint)
 from jdm_fast.training.loop import train
 

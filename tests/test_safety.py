@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from jdm_fast.training.checkpoint import CheckpointError, UnsafeFileError, load_checkpoint, rng_state, safe_load, \
+from jdm_fast.checkpoint import CheckpointError, UnsafeFileError, load_checkpoint, rng_state, safe_load, \
     set_rng_state
 
 

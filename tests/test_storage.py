@@ -17,9 +17,9 @@ import torch
 
 from _runs import TINY_ARGS
 from jdm_fast import train as train_cli
-from jdm_fast.training import checkpoint as ck
+from jdm_fast import checkpoint as ck
 from jdm_fast.training import loop
-from jdm_fast.training.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, StorageError, load_checkpoint,
+from jdm_fast.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, StorageError, load_checkpoint,
                                           save_checkpoint)
 
 

@@ -12,7 +12,7 @@ from jdm_fast import train as cli
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig, JointDiffusion
 from jdm_fast.training import precision as prec
-from jdm_fast.training.checkpoint import load_checkpoint, save_checkpoint
+from jdm_fast.checkpoint import load_checkpoint, save_checkpoint
 from jdm_fast.training.config import TrainConfig
 from jdm_fast.training.loop import NonFiniteLossError, keep_labels, train
 

@@ -26,12 +26,12 @@ from .datasets import (
     load_dataset,
     stratified_split,
 )
+from .seeds import augment_generator, derive_seed
 from .loaders import (
     BACKENDS,
     BatchLoader,
     build_loader,
     choose_backend,
-    derive_seed,
     epoch_permutation,
     infinite_batches,
     shard_ranges,
@@ -50,6 +50,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageDataset",
     "apply_augment",
+    "augment_generator",
     "build_loader",
     "choose_backend",
     "color_jitter",

@@ -35,7 +35,7 @@ import torch
 
 from .augment import AugmentConfig, sample_augment_params
 from .datasets import DatasetError, ImageDataset, _read_image
-from .loaders import augment_generator
+from .seeds import augment_generator
 
 __all__ = ["DALI_PACKAGE", "DaliEpochs", "dali_unavailable_reason"]
 

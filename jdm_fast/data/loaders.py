@@ -32,57 +32,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jdm_fast.training.images import from_uint8
-
 from .augment import AugmentConfig, apply_augment, check_reflect_pad, default_augment
 from .datasets import ImageDataset, load_dataset
+from .images import from_uint8
+from .seeds import PERM_TAG, augment_generator, derive_seed
 
 __all__ = [
     "BACKENDS",
     "BatchLoader",
     "build_loader",
     "choose_backend",
-    "derive_seed",
     "epoch_permutation",
     "infinite_batches",
     "shard_ranges",
 ]
 
 BACKENDS = ("auto", "tensor", "torch", "dali")
-_MASK64 = (1 << 64) - 1
-_PERM_TAG = 0x5045524D  # "PERM": keeps the order seed apart from augmentation seeds
-_AUG_TAG = 0x415547  # "AUG"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def derive_seed(*parts: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 chain): stable across runs and platforms."""
-    h = 0
-    for p in parts:
-        h = _splitmix64(h ^ _splitmix64(int(p) & _MASK64))
-    return h >> 1
-
-
-def augment_generator(seed: int, epoch: int, batch_index: int, shard_index: int,
-                      device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of a batch's augmentation draws: a function of (seed, epoch, batch, shard), so
-    every backend draws the same flips/offsets/jitter for the same batch and skipping is exact."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, epoch, batch_index, shard_index, _AUG_TAG))
-    return generator
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The global sample order of one epoch: int64 CPU tensor, a permutation of ``range(n)``."""
-    generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, epoch, _PERM_TAG))
+    generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, epoch, PERM_TAG))
     return torch.randperm(n, generator=generator)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from jdm_fast.checkpoint import load_checkpoint
 from jdm_fast.data.augment import AugmentConfig, default_augment
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointConfig, JointDiffusion
@@ -47,8 +48,6 @@ def load_joint_model(path: str | Path, *, ema: bool = True, device: str | torch.
 
     Raises FileNotFoundError for a missing file and RuntimeError for one that is not a jdm_fast
     training checkpoint."""
-    from jdm_fast.training.checkpoint import load_checkpoint
-
     path = Path(path)
     state = load_checkpoint(path)
     cfg = state.get("config")

@@ -23,14 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jdm_fast.training.images import from_uint8
+from jdm_fast.checkpoint import atomic_write, safe_load
+from jdm_fast.data.images import from_uint8
 
 FEATURE_CLASSIFIER_NAME = "feature_classifier.pt"
-
-
-def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1] (jdm_fast.training.images.from_uint8)."""
-    return from_uint8(images, device)
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class ClassifierFeatures:
 
     @torch.no_grad()
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = images_to_tensor(images, self.device)
+        x = from_uint8(images, self.device)
         if x.shape[1] != self.net.config.in_channels:
             raise ValueError(f"{self.name}: expected {self.net.config.in_channels}-channel images, got {x.shape[1]}")
         feats, logits = [], []
@@ -112,7 +108,7 @@ def train_feature_classifier(dataset: str, data_dir: str | None = None, *, epoch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FeatureNet(cfg).to(device)
-        x_all = images_to_tensor(train.images, device)
+        x_all = from_uint8(train.images, device)
         y_all = torch.from_numpy(train.labels).long().to(device)
         steps = epochs * (len(train) // batch_size)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -143,8 +139,6 @@ def train_feature_classifier(dataset: str, data_dir: str | None = None, *, epoch
 
 
 def save_feature_classifier(path: Path, net: FeatureNet, info: dict) -> None:
-    from jdm_fast.training.checkpoint import atomic_write
-
     atomic_write(Path(path), lambda f: torch.save({"state_dict": net.state_dict(), "info": info}, f))
 
 
@@ -152,8 +146,6 @@ def load_feature_classifier(path: Path, device: str = "cpu") -> ClassifierFeatur
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no feature classifier at {path}")
-    from jdm_fast.training.checkpoint import safe_load
-
     state = safe_load(path, "feature classifier")  # data only: a file asking for code is refused
     if not isinstance(state, dict) or "state_dict" not in state or "info" not in state:
         raise RuntimeError(f"{path} is not a jdm_fast feature classifier")
@@ -212,7 +204,7 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def features(self, images: np.ndarray) -> np.ndarray:
-        x = images_to_tensor(images, self.device)
+        x = from_uint8(images, self.device)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         mean = torch.tensor([0.485, 0.456, 0.406], device=self.device).view(1, 3, 1, 1)

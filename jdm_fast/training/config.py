@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from jdm_fast.generation import SAMPLERS
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig
-from jdm_fast.training.evaluation import SAMPLERS
 
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 import torch
 
 from jdm_fast.data import ImageDataset
+from jdm_fast.data.images import from_uint8
 from jdm_fast.diffusion import make_generator, sample_ancestral, sample_ddim
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training.distributed import Dist
-from jdm_fast.training.images import from_uint8
-
-SAMPLERS = ("ancestral", "ddim")
 
 
 @torch.no_grad()

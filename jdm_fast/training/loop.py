@@ -41,13 +41,13 @@ from jdm_fast.data import ImageDataset, apply_augment, default_augment, infinite
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training import distributed
-from jdm_fast.training.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, checkpoint_files, free_bytes,
+from jdm_fast.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, checkpoint_files, free_bytes,
                                           load_latest, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
                                           state_bytes, storage_error)
 from jdm_fast.training.config import TrainConfig
 from jdm_fast.training.distributed import Dist
 from jdm_fast.training.evaluation import preview_samples, test_accuracy
-from jdm_fast.training.images import save_grid
+from jdm_fast.data.images import save_grid
 from jdm_fast.training.precision import Precision, autocast, choose_precision
 from jdm_fast.training.step import TrainStep
 

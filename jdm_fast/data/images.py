@@ -1,4 +1,4 @@
-"""Image grids for sample previews."""
+"""Images as uint8 arrays <-> float tensors in [-1, 1], and image grids for sample previews."""
 from __future__ import annotations
 
 import math
