@@ -33,18 +33,22 @@ def timestep_sequence(num_timesteps: int, steps: int | None, t_start: float = 1.
     if not 0.0 < t_start <= 1.0:
         raise ValueError(f"t_start must lie in (0, 1] (a fraction of T), got {t_start}")
     top = max(1, round(t_start * num_timesteps))  # timesteps 0 .. top-1
-    if steps is None:
-        return list(range(top))
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return spaced_timesteps(top, max(1, min(top, round(steps * t_start))))
+    return spaced_timesteps(top, top if steps is None else max(1, min(top, round(steps * t_start))))
 
 
 def respaced(diffusion: GaussianDiffusion, seq: list[int]) -> GaussianDiffusion:
-    """The diffusion whose step i goes from original timestep ``seq[i]`` to ``seq[i - 1]``."""
-    abar = diffusion.alphas_cumprod.cpu()[seq]
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return GaussianDiffusion((1.0 - abar / prev).clamp(min=1e-12, max=1 - 1e-12)).to(diffusion.device)
+    """The diffusion whose step i goes from original timestep ``seq[i]`` to ``seq[i - 1]``, for a
+    ``seq`` of :func:`timestep_sequence`: the chain up to the start ``seq[-1]``, respaced
+    (:meth:`GaussianDiffusion.respace`) to ``len(seq)`` steps; with every timestep up to the start,
+    the original chain itself."""
+    top = seq[-1] + 1
+    base = diffusion if top == diffusion.num_timesteps else GaussianDiffusion(diffusion.betas[:top])
+    chain, timestep_map = base.respace(len(seq))
+    if timestep_map.tolist() != list(seq):
+        raise ValueError(f"the ancestral sampler runs on evenly spaced timesteps (timestep_sequence), got {seq}")
+    return chain
 
 
 def reverse_process(eps_fn: EpsFn, diffusion: GaussianDiffusion, x: torch.Tensor, seq: list[int], *,
