@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jdm_fast.ops import backend, group_norm_silu
-from jdm_fast.ops.noise import HAS_C
+from jdm_fast.ops._extension import HAS_C
 
 pytestmark = pytest.mark.skipif(not HAS_C, reason="jdm_fast._C was not built")
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -3,7 +3,8 @@
 ``group_norm_silu`` and ``attention`` run fused Triton kernels on CUDA tensors and their PyTorch
 references elsewhere (``backends.py`` decides). The noise-schedule ops (``noise``: q_sample,
 q_sample_philox, eps_mse, fused ancestral/DDIM steps) run the C++/CUDA extension ``jdm_fast._C``
-(pure-PyTorch fallbacks if it was not built). Callers (``jdm_fast.nn``, ``jdm_fast.models``,
+(loaded by ``_extension.py``), or their PyTorch references (``noise_reference.py``) where it was not
+built or under ``backend("reference")``. Callers (``jdm_fast.nn``, ``jdm_fast.models``,
 ``jdm_fast.diffusion``) never choose an implementation themselves.
 """
 from jdm_fast.ops.attention import attention
