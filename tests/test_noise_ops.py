@@ -438,6 +438,11 @@ def test_pure_pytorch_fallback_when_the_extension_is_missing(tmp_path, diff):
         "ts = torch.ops.jdm_fast.counter_timesteps(f, 9, 6, 1000)\n"
         "u = torch.ops.jdm_fast.counter_uniform(f, 9, 4, 6, 5)\n"
         f"torch.save({{'x_t': x_t, 'z': z, 'loss': loss, 'keyed': keyed, 'ts': ts, 'u': u}}, {str(tmp_path / 'out.pt')!r})\n"
+        # the fallback ops' fake implementations and autograd agree with them, as the compiled ones'
+        f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_noise_ops import _sample_args\n"
+        "for name, args in _sample_args(d).items():\n"
+        "    torch.library.opcheck(getattr(torch.ops.jdm_fast, name), args)\n"
     )
     env = dict(os.environ, JDM_FAST_DISABLE_C="1")
     subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=300)

@@ -83,7 +83,7 @@ def counter_timesteps(first_example: Tensor, seed: int, n: int, num_timesteps: i
 
 def counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: int) -> Tensor:
     u = philox.counter_uniform(int(seed) & _MASK64, int(tag), int(first_example), int(n), int(width))
-    return torch.from_numpy(u).to(first_example.device)
+    return torch.from_numpy(u).contiguous().to(first_example.device)  # u is a column slice of wider rows
 
 
 def eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
