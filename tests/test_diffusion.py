@@ -202,8 +202,9 @@ def test_float32_inputs_use_float64_tables_cast_at_use():
 
 
 def test_timestep_validation():
+    """float64 data runs in PyTorch: GaussianDiffusion checks the arguments itself."""
     d = GaussianDiffusion(make_betas("linear", 1000))
-    x = torch.zeros(2, 3)
+    x = torch.zeros(2, 3, dtype=F64)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\), got values in \[0, 1000\]"):
         d.q_sample(x, torch.tensor([0, 1000]), x)
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\), got values in \[-1, 3\]"):
@@ -213,7 +214,37 @@ def test_timestep_validation():
     with pytest.raises(ValueError, match=r"t must have shape \(batch,\) = \(2,\)"):
         d.q_sample(x, torch.tensor([0, 1, 2]), x)
     with pytest.raises(ValueError, match="noise must have the shape of x0"):
+        d.q_sample(x, torch.tensor([0, 1]), torch.zeros(2, 4, dtype=F64))
+
+
+def test_fused_methods_leave_the_checks_to_the_op():
+    """float32 data runs the fused ops, which check the arguments (C++, or the Python mirror): the
+    errors still name the argument and what it must be. Integer timesteps of any dtype are int64."""
+    d = GaussianDiffusion(make_betas("linear", 1000))
+    x = torch.zeros(2, 3)
+    for bad in ([0, 1000], [-1, 3]):
+        with pytest.raises(ValueError, match=r"\bt\b.*\[0, 1000\)"):
+            d.q_sample(x, torch.tensor(bad), x)
+        with pytest.raises(ValueError, match=r"\bt\b.*\[0, 1000\)"):
+            d.q_sample_philox(x, torch.tensor(bad), seed=0)
+        with pytest.raises(ValueError, match=r"\bt\b.*\[0, 1000\)"):
+            d.q_sample_keyed(x, torch.tensor(bad), 0, torch.tensor(0))
+    with pytest.raises(TypeError, match="t must be an int64 tensor"):
+        d.q_sample(x, torch.tensor([0.0, 1.0]), x)
+    with pytest.raises(ValueError, match=r"t must have shape \(batch,\) = \(2,\)"):
+        d.q_sample(x, torch.tensor([0, 1, 2]), x)
+    with pytest.raises(ValueError, match="noise must have the shape of x0"):
         d.q_sample(x, torch.tensor([0, 1]), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="x0 must be float32, float16 or bfloat16"):
+        d.q_sample_philox(x.to(F64), torch.tensor([0, 1]), seed=0)
+    with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
+        d.q_sample_keyed([[0.0]], torch.tensor([0]), 0, torch.tensor(0))
+    with pytest.raises(ValueError, match="first_example must be >= 0"):
+        d.q_sample_keyed(x, torch.tensor([0, 1]), 0, torch.tensor(-1))
+    t32, t64 = torch.tensor([0, 999], dtype=torch.int32), torch.tensor([0, 999])
+    z = torch.randn(2, 3, generator=make_generator(0))
+    assert torch.equal(d.q_sample(z, t32, z), d.q_sample(z, t64, z))
+    assert torch.equal(d.q_sample_philox(z, t32, 1, 5)[0], d.q_sample_philox(z, t64, 1, 5)[0])
 
 
 def test_sample_timesteps_uniform_and_seeded():

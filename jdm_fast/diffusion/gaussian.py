@@ -20,10 +20,14 @@ Tables are float64 tensors. They are gathered per example with ``t`` (integer te
 different device than ``x``, a copy on ``x.device`` is made once and cached; call ``.to(device)``
 up front to avoid even that.
 
-Timestep values are range-checked (clear ``ValueError``) when ``t`` is on the CPU. On
-accelerators the check is skipped because it would be a host-device sync every step; an
-out-of-range index then still fails (``Tensor.gather`` bounds-checks, it never wraps negative
-indices), only with a less friendly device-side assert.
+Arguments are checked once, by whoever computes: methods that run a fused op
+(``jdm_fast.ops.noise``: ``q_sample`` on float32/float16/bfloat16 data, ``q_sample_philox``,
+``q_sample_keyed``) pass their arguments to it, and it raises the clear error; the methods that
+compute in PyTorch check them here. Timestep values are range-checked (clear ``ValueError``) when
+``t`` is on the CPU. On accelerators the check is skipped because it would be a host-device sync
+every step; an out-of-range index then still fails (``Tensor.gather`` bounds-checks, it never wraps
+negative indices; the fused ops assert on the device), only with a less friendly device-side assert.
+Integer timesteps of any integer dtype are taken as int64.
 """
 
 from __future__ import annotations
@@ -127,6 +131,22 @@ def _check_x(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.ndim < 1:
         raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """Integer timesteps as the int64 tensor the fused ops take. Anything else is passed on
+    unchanged, for the op to reject with its own message."""
+    if (isinstance(t, torch.Tensor) and t.dtype != torch.int64 and t.dtype != torch.bool
+            and not (t.is_floating_point() or t.is_complex())):
+        return t.long()
+    return t
+
+
+def _device(name: str, x: torch.Tensor) -> torch.device:
+    """x's device (where the schedule tables go), or a TypeError naming x if it is no tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x.device
 
 
 def extract(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -255,14 +275,16 @@ class GaussianDiffusion:
         """Sample q(x_t | x_0): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``.
 
         float32/float16/bfloat16 inputs of one dtype run the fused op ``jdm_fast::q_sample``
-        (float32 math, output in x0's dtype); other dtypes (float64) run plain PyTorch.
+        (float32 math, output in x0's dtype; it checks the arguments); other dtypes (float64) run
+        plain PyTorch.
         """
+        if (isinstance(x0, torch.Tensor) and isinstance(noise, torch.Tensor) and noise.dtype == x0.dtype
+                and noise_ops.fusable(x0)):
+            return noise_ops.q_sample(x0, _int64(t), self.table("sqrt_alphas_cumprod", x0.device),
+                                      self.table("sqrt_one_minus_alphas_cumprod", x0.device), noise)
         _check_x("x0", x0)
         _check_like("noise", noise, x0, "x0")
         t = self._t(t, x0)
-        if noise.dtype == x0.dtype and noise_ops.fusable(x0):
-            return noise_ops.q_sample(x0, t, self.table("sqrt_alphas_cumprod", x0.device),
-                                      self.table("sqrt_one_minus_alphas_cumprod", x0.device), noise)
         return (
             self._gather("sqrt_alphas_cumprod", t, x0) * x0
             + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
@@ -273,12 +295,11 @@ class GaussianDiffusion:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, noise)`` with counter-based noise: ``noise.flatten()[i]`` is element
         ``offset + i`` of the Philox stream of ``seed`` (``jdm_fast.ops.philox``), the same on
-        every device, so a process holding a slice of a global batch draws exactly its slice."""
-        _check_x("x0", x0)
-        t = self._t(t, x0)
-        return noise_ops.q_sample_philox(x0, t, self.table("sqrt_alphas_cumprod", x0.device),
-                                         self.table("sqrt_one_minus_alphas_cumprod", x0.device),
-                                         seed, offset)
+        every device, so a process holding a slice of a global batch draws exactly its slice.
+        The fused op checks the arguments."""
+        device = _device("x0", x0)
+        return noise_ops.q_sample_philox(x0, _int64(t), self.table("sqrt_alphas_cumprod", device),
+                                         self.table("sqrt_one_minus_alphas_cumprod", device), seed, offset)
 
     def q_sample_keyed(
         self, x0: torch.Tensor, t: torch.Tensor, seed: int, first_example: torch.Tensor
@@ -286,12 +307,10 @@ class GaussianDiffusion:
         """``q_sample_philox`` at offset ``first_example * per_example`` where ``first_example`` is a
         one-element int64 tensor on x0's device (the global index of the batch's first example):
         the offset is read on the device, so a training step keys its noise without a host sync
-        and without recompiling per step under torch.compile."""
-        _check_x("x0", x0)
-        t = self._t(t, x0)
-        return noise_ops.q_sample_keyed(x0, t, self.table("sqrt_alphas_cumprod", x0.device),
-                                        self.table("sqrt_one_minus_alphas_cumprod", x0.device),
-                                        seed, first_example)
+        and without recompiling per step under torch.compile. The fused op checks the arguments."""
+        device = _device("x0", x0)
+        return noise_ops.q_sample_keyed(x0, _int64(t), self.table("sqrt_alphas_cumprod", device),
+                                        self.table("sqrt_one_minus_alphas_cumprod", device), seed, first_example)
 
     def predict_x0_from_eps(
         self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
@@ -299,7 +318,9 @@ class GaussianDiffusion:
         """Invert q_sample: ``x_0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps``."""
         _check_x("x_t", x_t)
         _check_like("eps", eps, x_t)
-        t = self._t(t, x_t)
+        return self._predict_x0(x_t, self._t(t, x_t), eps)
+
+    def _predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return (
             self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
@@ -327,13 +348,16 @@ class GaussianDiffusion:
         _check_x("x_t", x_t)
         _check_like("x0", x0, x_t)
         t = self._t(t, x_t)
-        mean = (
-            self._gather("posterior_mean_coef1", t, x_t) * x0
-            + self._gather("posterior_mean_coef2", t, x_t) * x_t
-        )
+        mean = self._posterior_mean(x0, x_t, t)
         var = self._gather("posterior_variance", t, x_t).expand_as(x_t)
         logvar = self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, var, logvar
+
+    def _posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (
+            self._gather("posterior_mean_coef1", t, x_t) * x0
+            + self._gather("posterior_mean_coef2", t, x_t) * x_t
+        )
 
     def p_mean_variance(
         self,
@@ -350,11 +374,13 @@ class GaussianDiffusion:
         or ``beta_t`` ("fixed_large", with btilde_1 at t = 0).
         """
         var_name, logvar_name = _variance_tables(variance)
-        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        _check_x("x_t", x_t)
+        _check_like("eps", eps, x_t)
+        t = self._t(t, x_t)
+        pred_x0 = self._predict_x0(x_t, t, eps)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
-        t = t.long()
+        mean = self._posterior_mean(pred_x0, x_t, t)
         var = self._gather(var_name, t, x_t).expand_as(x_t)
         logvar = self._gather(logvar_name, t, x_t).expand_as(x_t)
         return PMeanVar(mean, var, logvar, pred_x0)

@@ -76,8 +76,6 @@ __all__ = [
     "q_sample_philox",
 ]
 
-OPS = ("q_sample", "q_sample_philox", "q_sample_keyed", "counter_timesteps", "counter_uniform", "eps_mse",
-       "eps_mse_backward", "ancestral_step", "ddim_step")
 _MASK64 = (1 << 64) - 1
 
 
@@ -104,61 +102,85 @@ def _seed64(seed: int) -> int:
     return s - (1 << 64) if s >= 1 << 63 else s
 
 
-# ------------------------------------------------------------------------------ fallbacks
-def _define_fallbacks() -> None:
-    """Register the references under the compiled ops' names (when _C is missing)."""
-    from torch.library import custom_op
-
-    @custom_op("jdm_fast::q_sample", mutates_args=())
-    def _q_sample(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor,
-                  sqrt_one_minus_alphas_cumprod: Tensor, noise: Tensor) -> Tensor:
-        return ref.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-
-    @custom_op("jdm_fast::q_sample_philox", mutates_args=())
-    def _q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor,
-                         sqrt_one_minus_alphas_cumprod: Tensor, seed: int, offset: int) -> tuple[Tensor, Tensor]:
-        return ref.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset)
-
-    @custom_op("jdm_fast::q_sample_keyed", mutates_args=())
-    def _q_sample_keyed(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
-                        seed: int, first_example: Tensor) -> tuple[Tensor, Tensor]:
-        return ref.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example)
-
-    @custom_op("jdm_fast::counter_timesteps", mutates_args=())
-    def _counter_timesteps(first_example: Tensor, seed: int, n: int, num_timesteps: int) -> Tensor:
-        return ref.counter_timesteps(first_example, seed, n, num_timesteps)
-
-    @custom_op("jdm_fast::counter_uniform", mutates_args=())
-    def _counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: int) -> Tensor:
-        return ref.counter_uniform(first_example, seed, tag, n, width)
-
-    @custom_op("jdm_fast::eps_mse", mutates_args=())
-    def _eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
-        return ref.eps_mse(eps_hat, noise)
-
-    @custom_op("jdm_fast::eps_mse_backward", mutates_args=())
-    def _eps_mse_backward(grad: Tensor, eps_hat: Tensor, noise: Tensor) -> Tensor:
-        return ref.eps_mse_backward(grad, eps_hat, noise)
-
-    @custom_op("jdm_fast::ancestral_step", mutates_args=())
-    def _ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cumprod: Tensor,
-                        sqrt_recipm1_alphas_cumprod: Tensor, posterior_mean_coef1: Tensor,
-                        posterior_mean_coef2: Tensor, log_variance: Tensor, clip_denoised: bool,
-                        noise: Optional[Tensor], seed: Optional[int], offset: int) -> Tensor:
-        return ref.ancestral_step(x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
-                                  posterior_mean_coef1, posterior_mean_coef2, log_variance,
-                                  clip_denoised=clip_denoised, noise=noise, seed=seed, offset=offset)
-
-    @custom_op("jdm_fast::ddim_step", mutates_args=())
-    def _ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
-                   eta: float, clip_denoised: bool, noise: Optional[Tensor], seed: Optional[int],
-                   offset: int) -> Tensor:
-        return ref.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, eta=eta, clip_denoised=clip_denoised,
-                             noise=noise, seed=seed, offset=offset)
+# ------------------------------------------------------------------------------ the Python ops
+# The ops in Python: the checks of csrc/noise_common.h (mirrored in _noise_checks), then the
+# reference. They run where the compiled ops do not: registered under the ops' names when _C is
+# missing, and called by the wrappers under backend("reference"). Their positional signatures are
+# the op schemas (custom_op infers the fallbacks' schemas from them), so they stay positional.
+def _python_q_sample(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
+                     noise: Tensor) -> Tensor:
+    checks.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
+    return ref.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
 
 
-if not HAS_C:
-    _define_fallbacks()
+def _python_q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor,
+                            sqrt_one_minus_alphas_cumprod: Tensor, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+    checks.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset)
+    return ref.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset)
+
+
+def _python_q_sample_keyed(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
+                           seed: int, first_example: Tensor) -> tuple[Tensor, Tensor]:
+    checks.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example)
+    return ref.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example)
+
+
+def _python_counter_timesteps(first_example: Tensor, seed: int, n: int, num_timesteps: int) -> Tensor:
+    checks.counter_timesteps(first_example, seed, n, num_timesteps)
+    return ref.counter_timesteps(first_example, seed, n, num_timesteps)
+
+
+def _python_counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: int) -> Tensor:
+    checks.counter_uniform(first_example, seed, tag, n, width)
+    return ref.counter_uniform(first_example, seed, tag, n, width)
+
+
+def _python_eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
+    checks.eps_mse(eps_hat, noise)
+    return ref.eps_mse(eps_hat, noise)
+
+
+def _python_eps_mse_backward(grad: Tensor, eps_hat: Tensor, noise: Tensor) -> Tensor:
+    checks.eps_mse_backward(grad, eps_hat, noise)
+    return ref.eps_mse_backward(grad, eps_hat, noise)
+
+
+def _python_ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cumprod: Tensor,
+                           sqrt_recipm1_alphas_cumprod: Tensor, posterior_mean_coef1: Tensor,
+                           posterior_mean_coef2: Tensor, log_variance: Tensor, clip_denoised: bool,
+                           noise: Optional[Tensor], seed: Optional[int], offset: int) -> Tensor:
+    tables = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
+              log_variance)
+    checks.ancestral_step(x_t, eps_hat, t, *tables, noise=noise, seed=seed, offset=offset)
+    return ref.ancestral_step(x_t, eps_hat, t, *tables, clip_denoised=clip_denoised, noise=noise, seed=seed,
+                              offset=offset)
+
+
+def _python_ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
+                      eta: float, clip_denoised: bool, noise: Optional[Tensor], seed: Optional[int],
+                      offset: int) -> Tensor:
+    checks.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, eta=eta, noise=noise, seed=seed, offset=offset)
+    return ref.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, eta=eta, clip_denoised=clip_denoised,
+                         noise=noise, seed=seed, offset=offset)
+
+
+_PYTHON_OPS = {
+    "q_sample": _python_q_sample,
+    "q_sample_philox": _python_q_sample_philox,
+    "q_sample_keyed": _python_q_sample_keyed,
+    "counter_timesteps": _python_counter_timesteps,
+    "counter_uniform": _python_counter_uniform,
+    "eps_mse": _python_eps_mse,
+    "eps_mse_backward": _python_eps_mse_backward,
+    "ancestral_step": _python_ancestral_step,
+    "ddim_step": _python_ddim_step,
+}
+OPS = tuple(_PYTHON_OPS)  # the op names of the extension's schema
+
+if not HAS_C:  # the same op names, run in Python (_extension has said so once)
+    for _name, _fn in _PYTHON_OPS.items():
+        torch.library.custom_op(f"jdm_fast::{_name}", _fn, mutates_args=())
+
 
 # ------------------------------------------------------------------------------ fake + autograd
 @torch.library.register_fake("jdm_fast::q_sample")
@@ -250,6 +272,8 @@ torch.library.register_autograd("jdm_fast::eps_mse", _eps_mse_backward, setup_co
 
 
 # ------------------------------------------------------------------------------ wrappers
+# The public ops. Arguments are checked once, by the op that runs (C++, or the Python op above);
+# the wrappers only convert seeds and offsets to the schema's int64 / SymInt.
 def fusable(*tensors: Tensor | None) -> bool:
     """Whether the fused ops take these tensors' dtypes (float32/float16/bfloat16; None is
     ignored). Callers (jdm_fast.diffusion, the joint loss) keep plain PyTorch otherwise, e.g. for
@@ -261,76 +285,48 @@ def _use_reference() -> bool:
     return current_backend() == "reference"
 
 
-def _compiled() -> bool:
-    """The compiled op runs and validates its arguments itself (same checks and messages as
-    jdm_fast.ops._noise_checks), so the wrapper skips its own Python checks: they cost more
-    than the op on small tensors."""
-    return HAS_C and current_backend() != "reference"
-
-
 def q_sample(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
              noise: Tensor) -> Tensor:
     """``x_t = sqrt_alphas_cumprod[t] * x0 + sqrt_one_minus_alphas_cumprod[t] * noise``."""
-    if _compiled():
-        return torch.ops.jdm_fast.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-    checks.q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
-    f = ref.q_sample if _use_reference() else torch.ops.jdm_fast.q_sample
+    f = _python_q_sample if _use_reference() else torch.ops.jdm_fast.q_sample
     return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise)
 
 
 def q_sample_philox(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
                     seed: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """``(x_t, noise)`` with ``noise.flatten()[i] = stream(seed)[offset + i]`` (jdm_fast.ops.philox)."""
-    if _compiled():
-        return torch.ops.jdm_fast.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                                                  _seed64(seed), _offset(offset))
-    offset = _offset(offset)
-    checks.q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset)
-    f = ref.q_sample_philox if _use_reference() else torch.ops.jdm_fast.q_sample_philox
-    return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), offset)
+    f = _python_q_sample_philox if _use_reference() else torch.ops.jdm_fast.q_sample_philox
+    return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), _offset(offset))
 
 
 def q_sample_keyed(x0: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
                    seed: int, first_example: Tensor) -> tuple[Tensor, Tensor]:
     """``q_sample_philox(..., seed, offset=first_example * per_example)`` with the offset read on the device."""
-    if _compiled():
-        return torch.ops.jdm_fast.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                                                 _seed64(seed), first_example)
-    checks.q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example)
-    f = ref.q_sample_keyed if _use_reference() else torch.ops.jdm_fast.q_sample_keyed
+    f = _python_q_sample_keyed if _use_reference() else torch.ops.jdm_fast.q_sample_keyed
     return f(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, _seed64(seed), first_example)
 
 
 def counter_timesteps(first_example: Tensor, seed: int, n: int, num_timesteps: int) -> Tensor:
     """Counter-based timesteps (int64, uniform in ``[0, num_timesteps)``) of global examples
     ``first_example .. first_example + n - 1``, on first_example's device (``jdm_fast.ops.philox``)."""
-    if _compiled():
-        return torch.ops.jdm_fast.counter_timesteps(first_example, _seed64(seed), n, int(num_timesteps))
-    checks.counter_timesteps(first_example, seed, n, num_timesteps)
-    f = ref.counter_timesteps if _use_reference() else torch.ops.jdm_fast.counter_timesteps
-    return f(first_example, _seed64(seed), int(n), int(num_timesteps))
+    f = _python_counter_timesteps if _use_reference() else torch.ops.jdm_fast.counter_timesteps
+    return f(first_example, _seed64(seed), n, int(num_timesteps))
 
 
 def counter_uniform(first_example: Tensor, seed: int, tag: int, n: int, width: int) -> Tensor:
     """Counter-based float32 uniforms in [0, 1), shape (n, width): row i belongs to global example
     ``first_example + i``; ``tag`` (in [0, 2^32)) names the stream (``jdm_fast.ops.philox``)."""
-    if _compiled():
-        return torch.ops.jdm_fast.counter_uniform(first_example, _seed64(seed), int(tag), n, width)
-    checks.counter_uniform(first_example, seed, tag, n, width)
-    f = ref.counter_uniform if _use_reference() else torch.ops.jdm_fast.counter_uniform
-    return f(first_example, _seed64(seed), int(tag), int(n), int(width))
+    f = _python_counter_uniform if _use_reference() else torch.ops.jdm_fast.counter_uniform
+    return f(first_example, _seed64(seed), int(tag), n, width)
 
 
 def eps_mse(eps_hat: Tensor, noise: Tensor) -> Tensor:
     """``mean((eps_hat - noise)^2)`` as a float32 scalar; noise in eps_hat's dtype or float32."""
+    # The op returns NaN for empty inputs (as mse_loss); the public function refuses them.
     if isinstance(eps_hat, Tensor) and eps_hat.numel() == 0:
         raise ValueError("eps_mse: eps_hat is empty (the mean of no elements is undefined)")
-    if _compiled():
-        return torch.ops.jdm_fast.eps_mse(eps_hat, noise)
-    checks.eps_mse(eps_hat, noise)
-    if _use_reference():
-        return torch.nn.functional.mse_loss(eps_hat.float(), noise.float())
-    return torch.ops.jdm_fast.eps_mse(eps_hat, noise)
+    f = _python_eps_mse if _use_reference() else torch.ops.jdm_fast.eps_mse
+    return f(eps_hat, noise)
 
 
 def _no_grad_inputs(op: str, *tensors) -> None:
@@ -344,36 +340,18 @@ def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cu
                    posterior_mean_coef2: Tensor, log_variance: Tensor, clip_denoised: bool = True,
                    noise: Tensor | None = None, seed: int | None = None, offset: int = 0) -> Tensor:
     """One fused DDPM ancestral step (see the module docstring)."""
-    op = "ancestral_step"
-    _no_grad_inputs(op, x_t, eps_hat, noise)
-    seed = None if seed is None else _seed64(seed)
-    tables = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
-              log_variance)
-    if _compiled():
-        return torch.ops.jdm_fast.ancestral_step(x_t, eps_hat, t, *tables, bool(clip_denoised), noise, seed,
-                                                 _offset(offset))
-    offset = _offset(offset)
-    checks.ancestral_step(x_t, eps_hat, t, *tables, noise=noise, seed=seed, offset=offset)
-    if _use_reference():
-        return ref.ancestral_step(x_t, eps_hat, t, *tables, clip_denoised=bool(clip_denoised), noise=noise,
-                                  seed=seed, offset=offset)
-    return torch.ops.jdm_fast.ancestral_step(x_t, eps_hat, t, *tables, bool(clip_denoised), noise, seed, offset)
+    _no_grad_inputs("ancestral_step", x_t, eps_hat, noise)
+    f = _python_ancestral_step if _use_reference() else torch.ops.jdm_fast.ancestral_step
+    return f(x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
+             posterior_mean_coef2, log_variance, bool(clip_denoised), noise,
+             None if seed is None else _seed64(seed), _offset(offset))
 
 
 def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
               eta: float = 0.0, clip_denoised: bool = True, noise: Tensor | None = None,
               seed: int | None = None, offset: int = 0) -> Tensor:
     """One fused DDIM step from index t to t_prev in [-1, t) (see the module docstring)."""
-    op = "ddim_step"
-    _no_grad_inputs(op, x_t, eps_hat, noise)
-    seed = None if seed is None else _seed64(seed)
-    if _compiled():
-        return torch.ops.jdm_fast.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised),
-                                            noise, seed, _offset(offset))
-    offset = _offset(offset)
-    checks.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, eta=eta, noise=noise, seed=seed, offset=offset)
-    if _use_reference():
-        return ref.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, eta=float(eta),
-                             clip_denoised=bool(clip_denoised), noise=noise, seed=seed, offset=offset)
-    return torch.ops.jdm_fast.ddim_step(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised),
-                                        noise, seed, offset)
+    _no_grad_inputs("ddim_step", x_t, eps_hat, noise)
+    f = _python_ddim_step if _use_reference() else torch.ops.jdm_fast.ddim_step
+    return f(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised), noise,
+             None if seed is None else _seed64(seed), _offset(offset))
