@@ -552,6 +552,36 @@ def test_keyed_ops_reference_backend_matches_the_kernels(diff):
     torch.testing.assert_close(got[0][0], ref[0][0], rtol=1e-6, atol=1e-6)
 
 
+def test_backend_settings_are_read_once_and_the_wrappers_follow_them(monkeypatch):
+    """JDM_FAST_BACKEND is read at import (Settings), not per call; backend(...) and replaced
+    SETTINGS route the wrappers to the Python ops."""
+    from jdm_fast.ops import backends
+    from jdm_fast.ops.backends import Settings
+
+    assert Settings.from_environment({}) == Settings("auto", False)
+    assert Settings.from_environment({"JDM_FAST_BACKEND": " Reference ", "TRITON_INTERPRET": "1"}) == \
+        Settings("reference", True)
+    with pytest.raises(ValueError, match="JDM_FAST_BACKEND must be one of"):
+        Settings.from_environment({"JDM_FAST_BACKEND": "cuda-magic"})
+    before = backends.current_backend()
+    monkeypatch.setenv("JDM_FAST_BACKEND", "reference" if before != "reference" else "auto")
+    assert backends.current_backend() == before
+
+    calls = []
+    monkeypatch.setattr(N, "_python_eps_mse", lambda e, z: calls.append("python") or torch.zeros(()))
+    x = data((2, 3), torch.float32)
+    monkeypatch.setattr(backends, "SETTINGS", Settings(backend="auto"))
+    N.eps_mse(x, x)
+    with backends.backend("reference"):
+        N.eps_mse(x, x)
+    assert calls == ["python"]
+    monkeypatch.setattr(backends, "SETTINGS", Settings(backend="reference"))
+    N.eps_mse(x, x)
+    with backends.backend("auto"):
+        N.eps_mse(x, x)
+    assert calls == ["python"] * 2
+
+
 # ------------------------------------------------------------------------------ CUDA (gpu_check)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,26 +1,35 @@
 """Which implementation an op runs: the one switch of DESIGN.md.
 
-``JDM_FAST_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference``, or the context manager
-``jdm_fast.ops.backend("triton")`` (it wins over the variable). ``auto`` runs Triton on CUDA tensors
-and the PyTorch reference elsewhere. Forcing ``triton`` on CPU tensors runs the kernels in
-Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is first imported (the
-test suite's conftest does this).
+Two environment variables are read once, when this module is first imported (``SETTINGS``), and
+never again; setting them later in the process changes nothing:
 
-The override is a module global rather than a ContextVar so that torch.compile reads it as a
+- ``JDM_FAST_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference``. ``auto`` runs Triton on
+  CUDA tensors and the PyTorch reference elsewhere. An unknown value raises at import.
+- ``TRITON_INTERPRET=1``: Triton runs its interpreter. Forcing ``triton`` on CPU tensors needs it,
+  and Triton itself reads it when it is first imported (the test suite's conftest sets it before).
+
+Inside a process, the context manager ``jdm_fast.ops.backend(name)`` overrides the default for
+the block (the innermost block wins): ``with jdm_fast.ops.backend("reference"): ...``.
+``current_backend()`` is the backend in force. Tests that need other settings replace
+``SETTINGS`` (``Settings.from_environment({...})`` builds them from a mapping).
+
+The override stack is a module global rather than a ContextVar so that torch.compile reads it as a
 constant while tracing (a ContextVar lookup would break the graph); it is not thread-local.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import warnings
+from typing import Iterator, Mapping
 
 import torch
 
+__all__ = ["BACKENDS", "SETTINGS", "Settings", "backend", "current_backend", "triton_available", "use_triton"]
+
 BACKENDS = ("auto", "triton", "reference")
-_override: list[str] = []  # stack of active `backend(...)` contexts
-_warned: set[str] = set()
 
 
 def _check(name: str, source: str) -> str:
@@ -29,8 +38,28 @@ def _check(name: str, source: str) -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The environment's choices, read once (see the module docstring)."""
+
+    backend: str = "auto"  # JDM_FAST_BACKEND
+    triton_interpret: bool = False  # TRITON_INTERPRET=1
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
+        name = environ.get("JDM_FAST_BACKEND", "auto").strip().lower() or "auto"
+        return cls(backend=_check(name, "JDM_FAST_BACKEND"),
+                   triton_interpret=environ.get("TRITON_INTERPRET") == "1")
+
+
+SETTINGS = Settings.from_environment()
+_override: list[str] = []  # the active `backend(...)` blocks, innermost last
+_warned: set[str] = set()  # warnings given once per process
+_TRITON = importlib.util.find_spec("triton") is not None  # once: torch.compile cannot trace find_spec
+
+
 @contextlib.contextmanager
-def backend(name: str):
+def backend(name: str) -> Iterator[None]:
     """Force a backend inside the block: ``with jdm_fast.ops.backend("reference"): ...``."""
     _override.append(_check(name, "backend"))
     try:
@@ -40,12 +69,8 @@ def backend(name: str):
 
 
 def current_backend() -> str:
-    if _override:
-        return _override[-1]
-    return _check(os.environ.get("JDM_FAST_BACKEND", "auto").strip().lower() or "auto", "JDM_FAST_BACKEND")
-
-
-_TRITON = importlib.util.find_spec("triton") is not None  # once: torch.compile cannot trace find_spec
+    """The innermost ``backend(...)`` block's choice, else ``JDM_FAST_BACKEND`` as read at import."""
+    return _override[-1] if _override else SETTINGS.backend
 
 
 def triton_available() -> bool:
@@ -60,7 +85,7 @@ def use_triton(device: torch.device, op: str) -> bool:
     if choice == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' was forced but triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not SETTINGS.triton_interpret:
             raise RuntimeError(
                 f"{op}: backend 'triton' on {device.type} tensors runs Triton's interpreter, which needs "
                 "TRITON_INTERPRET=1 set before triton is imported")
