@@ -15,13 +15,16 @@ import torch
 from jdm_fast.diffusion import (
     SCHEDULES,
     GaussianDiffusion,
+    ReverseConfig,
     ancestral_step,
     ddim_step,
     make_betas,
     make_generator,
+    reverse_process,
     sample_ancestral,
     sample_ddim,
     spaced_timesteps,
+    timestep_sequence,
 )
 
 F64 = torch.float64
@@ -457,6 +460,64 @@ def test_ddim_eta0_is_deterministic_given_x_T():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("sampler,steps,t_start,expected", [
+    ("ddim", 10, 0.5, [49, 37, 24, 12, 0]),
+    ("ancestral", 10, 0.5, [49, 37, 24, 12, 0]),
+    ("ancestral", None, 0.03, [2, 1, 0]),
+    ("ddim", 4, 1.0, [99, 66, 33, 0]),
+])
+def test_reverse_process_from_t_start_sees_original_timesteps(sampler, steps, t_start, expected):
+    model = GaussianData("linear", 100, MU, 0.5)
+    d = GaussianDiffusion(make_betas("linear", 100))
+    config = ReverseConfig(sampler, steps=steps, t_start=t_start)
+    assert config.timesteps(100) == timestep_sequence(100, steps, t_start) == expected[::-1]
+
+    def eps_fn(x, t, t_value):
+        assert int(t[0]) == t_value
+        return model(x, t), None
+
+    x = torch.randn(3, 8, generator=make_generator(1))
+    reverse_process(eps_fn, d, x, config, generator=make_generator(2))
+    assert [int(t[0]) for t in model.seen_t] == expected
+
+
+def test_partial_ancestral_run_respaces_the_chain_up_to_its_start():
+    d = GaussianDiffusion(make_betas("cosine", 1000))
+    seq, chain = ReverseConfig("ancestral", steps=20, t_start=0.3).plan(d)
+    assert seq == spaced_timesteps(300, 6)  # round(20 * 0.3) steps below timestep 299
+    abar = _ref_alphas_cumprod(make_betas("cosine", 1000))
+    ref = torch.tensor([abar[i] for i in seq], dtype=F64)
+    assert chain.num_timesteps == 6 and torch.allclose(chain.alphas_cumprod, ref, rtol=1e-10, atol=1e-14)
+    assert ReverseConfig("ddim", steps=20, t_start=0.3).plan(d) == (seq, d)  # DDIM: original tables
+    full_seq, full = ReverseConfig("ancestral").plan(d)
+    assert full_seq == list(range(1000)) and full is d  # the full chain is the diffusion itself
+
+
+def test_ddim_eta1_equals_ancestral_from_a_partial_start():
+    model = GaussianData("jdm_linear", 1000, MU, 0.5)
+    d = GaussianDiffusion(make_betas("jdm_linear", 1000))
+    x = torch.randn(64, 8, generator=make_generator(3), dtype=F64)
+    kw = dict(steps=20, t_start=0.4, clip_denoised=False)
+    a = reverse_process(lambda x, t, _: (model(x, t), None), d, x, ReverseConfig("ddim", eta=1.0, **kw),
+                        generator=make_generator(9))
+    b = reverse_process(lambda x, t, _: (model(x, t), None), d, x, ReverseConfig("ancestral", **kw),
+                        generator=make_generator(9))
+    assert torch.allclose(a, b, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"sampler": "euler"}, ValueError, "sampler must be one of"),
+    ({"t_start": 0.0}, ValueError, r"t_start must lie in \(0, 1\]"),
+    ({"t_start": 1.5}, ValueError, r"t_start must lie in \(0, 1\]"),
+    ({"eta": 1.5}, ValueError, r"eta must lie in \[0, 1\]"),
+    ({"variance": "learned"}, ValueError, "unknown variance"),
+    ({"steps": 2.5}, TypeError, "steps must be an int"),
+])
+def test_reverse_config_rejects_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ReverseConfig(**kwargs)
+
+
 def test_sampler_bad_inputs():
     model = GaussianData("linear", 100, MU, 0.5)
     d = GaussianDiffusion(make_betas("linear", 100))
@@ -480,3 +541,5 @@ def test_sampler_bad_inputs():
         ddim_step(d, x, x, torch.tensor([5, 5]), torch.tensor([5, 0]))
     with pytest.raises(ValueError, match="steps must satisfy"):
         spaced_timesteps(100, 0)
+    with pytest.raises(ValueError, match=r"1 <= steps <= num_timesteps=100, got 101"):
+        timestep_sequence(100, 101)

@@ -1,22 +1,34 @@
-"""Unconditional samplers for an eps-prediction model: ancestral (DDPM) and DDIM.
+"""The reverse process of an eps-prediction model: one loop, configured as DDPM ancestral or DDIM.
 
-The model is any callable ``model_fn(x_t, t) -> eps_hat`` where ``t`` is an int64 tensor of
-shape (B,) holding ORIGINAL timestep indices in [0, T) (also when sampling with fewer steps).
+:func:`reverse_process` is the only sampling loop of the package. A :class:`ReverseConfig` says
+which steps it takes: ``sampler`` ("ddim", with noise ``eta``; or "ancestral", with a fixed
+variance), ``steps`` (None: every timestep; else that many evenly spaced ones, the diffusion
+respaced to them for the ancestral sampler) and ``t_start`` (the fraction of T the run starts at:
+1 starts from pure noise x_T; below 1 from a noised image, as counterfactuals do).
+``sample_ancestral`` and ``sample_ddim`` are that loop on an unconditional model; conditional
+samplers (``jdm_fast.generation``) are that loop with a steered eps.
 
-Layout: per-step functions (``ancestral_step``, ``ddim_step``: one fused op each,
-``jdm_fast::ancestral_step`` / ``jdm_fast::ddim_step``, for float32/float16/bfloat16 tensors
-when no gradient flows through the step; plain differentiable PyTorch otherwise) and the loops
-that call the model and draw noise.
-All randomness of a loop (x_T and every per-step noise) comes from the explicit
-``torch.Generator``, so the same seed on the same device gives bit-identical samples. The loops
-run the model under ``torch.no_grad()``.
+The loop asks ``eps_fn(x_t, t, t_value) -> (eps, shift)`` for each step: ``t`` holds the ORIGINAL
+timestep index in [0, T) (also when sampling with fewer steps) as an int64 tensor of shape (B,) on
+the device, ``t_value`` the same as a Python int (so a steering decision needs no host-device
+sync); ``shift`` is None or a tensor added to the step's output (classifier guidance's mean
+shift on the ancestral sampler). An unconditional model is any callable ``model_fn(x_t, t) ->
+eps_hat``, run under ``torch.no_grad()``.
 
-The loops return the final x_0 sample: the last step's posterior mean at t = 0, which equals the
+Per-step functions (``ancestral_step``, ``ddim_step``) are one fused op each
+(``jdm_fast::ancestral_step`` / ``jdm_fast::ddim_step``) for float32/float16/bfloat16 tensors when
+no gradient flows through the step (the loop runs every step under ``torch.no_grad()``), plain
+differentiable PyTorch otherwise. All randomness of a run (x_T and every per-step noise) comes
+from the explicit ``torch.Generator``, so the same seed on the same device gives bit-identical
+samples.
+
+The loop returns the final x_0 sample: the last step's posterior mean at t = 0, which equals the
 model's x_0 prediction (clamped to [-1, 1] only if ``clip_denoised``); no other clamping.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -33,15 +45,22 @@ from .gaussian import (
 )
 
 __all__ = [
+    "SAMPLERS",
+    "EpsFn",
     "ModelFn",
+    "ReverseConfig",
     "ancestral_step",
     "ddim_step",
     "make_generator",
+    "reverse_process",
     "sample_ancestral",
     "sample_ddim",
+    "timestep_sequence",
 ]
 
+SAMPLERS: tuple[str, ...] = ("ddim", "ancestral")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+EpsFn = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -179,7 +198,133 @@ def ddim_step(
     return x_prev
 
 
-# ---------------------------------------------------------------------- loops
+# ---------------------------------------------------------------------- the loop
+def _check_t_start(t_start: float) -> None:
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must lie in (0, 1] (a fraction of T), got {t_start}")
+
+
+def _check_steps(steps: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+
+
+def _span(num_timesteps: int, steps: int | None, t_start: float) -> tuple[int, int]:
+    """``(top, n)``: a run from fraction ``t_start`` of T covers original timesteps [0, top) in n steps."""
+    _check_t_start(t_start)
+    _check_steps(steps)
+    top = max(1, round(t_start * num_timesteps))
+    if steps is None:
+        return top, top
+    # steps < 1 passes through for spaced_timesteps to reject; with t_start = 1, n == steps.
+    return top, steps if steps < 1 else max(1, round(steps * t_start))
+
+
+def timestep_sequence(num_timesteps: int, steps: int | None = None, t_start: float = 1.0) -> list[int]:
+    """Ascending original timesteps of a reverse run that starts at fraction ``t_start`` of T.
+
+    ``steps=None`` uses every timestep up to the start (the full chain); otherwise
+    ``round(steps * t_start)`` (at least 1) evenly spaced ones (:func:`spaced_timesteps`), the last
+    being the start index ``round(t_start * T) - 1``. ``steps`` must not exceed T."""
+    return spaced_timesteps(*_span(num_timesteps, steps, t_start))
+
+
+@dataclass(frozen=True)
+class ReverseConfig:
+    """Which steps :func:`reverse_process` takes.
+
+    ``sampler="ddim"`` steps from each timestep to the previous one on the ORIGINAL
+    alphas_cumprod, the last step to abar = 1 (``eta = 0``: deterministic given x_T; ``eta = 1``:
+    the ancestral sampler's posterior variance on the same timesteps). ``sampler="ancestral"``
+    takes DDPM ancestral steps on the chain up to the start respaced to the timesteps
+    (:meth:`GaussianDiffusion.respace`), with variance "fixed_small" (posterior btilde_t; the DDPM
+    paper reports similar sample quality for both, and btilde_t is exact for a delta data
+    distribution) or "fixed_large" (beta_t). ADM learns the variance; the JDM models do not.
+    ``steps``/``t_start``: :func:`timestep_sequence`.
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    t_start: float = 1.0
+    eta: float = 0.0  # DDIM only
+    variance: str = "fixed_small"  # ancestral only
+    clip_denoised: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        _check_steps(self.steps)
+        _check_t_start(self.t_start)
+        _check_eta(self.eta)
+        _variance_tables(self.variance)
+
+    def timesteps(self, num_timesteps: int) -> list[int]:
+        """The ascending original timesteps the model sees; the run starts at the last one."""
+        return timestep_sequence(num_timesteps, self.steps, self.t_start)
+
+    def plan(
+        self, diffusion: GaussianDiffusion, device: torch.device | None = None
+    ) -> tuple[list[int], GaussianDiffusion]:
+        """``(timesteps, tables)``: the timesteps, and the diffusion whose tables the steps index
+        (DDIM: ``diffusion``, by original timestep; ancestral: the respaced chain, by step index,
+        moved to ``device``)."""
+        T = diffusion.num_timesteps
+        top, n = _span(T, self.steps, self.t_start)
+        if self.sampler == "ddim":
+            return spaced_timesteps(top, n), diffusion
+        if n == top == T:  # the full chain: the diffusion itself
+            return list(range(T)), diffusion
+        base = diffusion if top == T else GaussianDiffusion(diffusion.betas[:top])
+        chain, timestep_map = base.respace(n)
+        return timestep_map.tolist(), chain if device is None else chain.to(device)
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _progress(it: Iterable[int], enabled: bool, total: int, desc: str) -> Iterable[int]:
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:  # pragma: no cover - tqdm is a dependency
+        raise ImportError("progress=True needs tqdm (pip install tqdm)") from e
+    return tqdm(it, total=total, desc=desc)
+
+
+def reverse_process(
+    eps_fn: EpsFn,
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    config: ReverseConfig,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run from ``x`` (a sample at the config's first timestep, ``config.timesteps(T)[-1]``) down
+    to x_0. Each step's noise is drawn from ``generator`` after its eps, in x's dtype."""
+    timesteps, tables = config.plan(diffusion, x.device)
+    b, dev = x.shape[0], x.device
+    for k in _progress(reversed(range(len(timesteps))), progress, len(timesteps), config.sampler):
+        t = torch.full((b,), timesteps[k], dtype=torch.long, device=dev)
+        eps, shift = eps_fn(x, t, timesteps[k])
+        with torch.no_grad():
+            eps = eps.detach().to(x.dtype)
+            if config.sampler == "ddim":
+                t_prev = torch.full_like(t, timesteps[k - 1] if k > 0 else -1)
+                noise = _noise(x, generator) if config.eta > 0 and k > 0 else None
+                x = ddim_step(tables, eps, x, t, t_prev, config.eta, noise, config.clip_denoised)
+            else:
+                noise = _noise(x, generator) if k > 0 else None
+                x = ancestral_step(tables, eps, x, torch.full_like(t, k), noise, config.clip_denoised,
+                                   config.variance)
+            if shift is not None and k > 0:
+                x = x + shift.detach().to(x.dtype)
+    return x
+
+
+# ---------------------------------------------------------------------- unconditional sampling
 def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(shape)
     if len(shape) < 1 or not all(isinstance(s, int) and s > 0 for s in shape):
@@ -222,22 +367,37 @@ def _initial_noise(
     return x_T.to(device=device, dtype=dtype)
 
 
-def _call_model(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    eps = model_fn(x, t)
-    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
-        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
-        raise ValueError(f"model_fn must return eps_hat of shape {tuple(x.shape)}, got {got}")
-    return eps.to(x.dtype)
+def _model_eps(model_fn: ModelFn) -> EpsFn:
+    """The loop's eps_fn for an unconditional model: eps_hat under no_grad, its shape checked."""
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor, t_value: int):
+        with torch.no_grad():
+            eps = model_fn(x, t)
+        if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+            got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+            raise ValueError(f"model_fn must return eps_hat of shape {tuple(x.shape)}, got {got}")
+        return eps, None
+
+    return eps_fn
 
 
-def _progress(it: Iterable[int], enabled: bool, total: int, desc: str) -> Iterable[int]:
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as e:  # pragma: no cover - tqdm is a dependency
-        raise ImportError("progress=True needs tqdm (pip install tqdm)") from e
-    return tqdm(it, total=total, desc=desc)
+def _sample(
+    model_fn: ModelFn,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    config: ReverseConfig,
+    *,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    progress: bool,
+    x_T: torch.Tensor | None,
+) -> torch.Tensor:
+    shape = _check_shape(shape)
+    device = _resolve_device(device, generator, x_T)
+    config.timesteps(diffusion.num_timesteps)  # bad steps fail before any noise is drawn
+    x = _initial_noise(shape, x_T, generator, device, dtype)
+    return reverse_process(_model_eps(model_fn), diffusion, x, config, generator=generator, progress=progress)
 
 
 def sample_ancestral(
@@ -254,43 +414,22 @@ def sample_ancestral(
     progress: bool = False,
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDPM ancestral sampling: x_T ~ N(0, I), then ``ancestral_step`` down to t = 0.
+    """DDPM ancestral sampling: x_T ~ N(0, I), then ancestral steps down to t = 0.
 
     Args:
         steps: None for the full T-step chain, or an int in [1, T] to sample on the respaced
             diffusion (:meth:`GaussianDiffusion.respace`); the model always sees original
             timestep indices.
-        variance: "fixed_small" (posterior btilde_t, default; the DDPM paper reports similar
-            sample quality for both, and btilde_t is exact for a delta data distribution) or
-            "fixed_large" (beta_t). ADM learns the variance; the JDM models do not.
+        variance: "fixed_small" or "fixed_large" (:class:`ReverseConfig`).
         device: defaults to x_T's device, else the generator's, else CPU.
         x_T: optional starting noise (copied to ``device``/``dtype``); else drawn from generator.
 
     Returns:
         The x_0 samples, shape ``shape``, dtype ``dtype``.
     """
-    shape = _check_shape(shape)
-    device = _resolve_device(device, generator, x_T)
-    if steps is None:
-        diff, tmap = diffusion, None
-    else:
-        diff, tmap_t = diffusion.respace(steps)
-        diff, tmap = diff.to(device), tmap_t.tolist()
-    x = _initial_noise(shape, x_T, generator, device, dtype)
-    batch = shape[0]
-    T = diff.num_timesteps
-    with torch.no_grad():
-        for i in _progress(reversed(range(T)), progress, T, "ancestral"):
-            t = torch.full((batch,), i, dtype=torch.long, device=device)
-            t_model = t if tmap is None else torch.full_like(t, tmap[i])
-            eps = _call_model(model_fn, x, t_model)
-            noise = (
-                torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                if i > 0
-                else None
-            )
-            x = ancestral_step(diff, eps, x, t, noise, clip_denoised, variance)
-    return x
+    config = ReverseConfig("ancestral", steps=steps, variance=variance, clip_denoised=clip_denoised)
+    return _sample(model_fn, diffusion, shape, config, generator=generator, device=device, dtype=dtype,
+                   progress=progress, x_T=x_T)
 
 
 def sample_ddim(
@@ -307,30 +446,12 @@ def sample_ddim(
     progress: bool = False,
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDIM sampling over ``steps`` original timesteps ``spaced_timesteps(T, steps)``.
-
-    Steps from each selected timestep to the previous one on the ORIGINAL alphas_cumprod, the
-    last step to abar = 1 (t_prev = -1). ``eta = 0`` is deterministic given x_T; ``eta = 1``
-    matches the ancestral sampler's posterior variance on the same timesteps.
+    """DDIM sampling over ``steps`` original timesteps ``spaced_timesteps(T, steps)``
+    (:class:`ReverseConfig`: ``eta = 0`` is deterministic given x_T).
 
     Returns:
         The x_0 samples, shape ``shape``, dtype ``dtype``.
     """
-    shape = _check_shape(shape)
-    eta = _check_eta(eta)
-    device = _resolve_device(device, generator, x_T)
-    seq = spaced_timesteps(diffusion.num_timesteps, steps)
-    x = _initial_noise(shape, x_T, generator, device, dtype)
-    batch = shape[0]
-    with torch.no_grad():
-        for k in _progress(reversed(range(len(seq))), progress, len(seq), "ddim"):
-            t = torch.full((batch,), seq[k], dtype=torch.long, device=device)
-            t_prev = torch.full_like(t, seq[k - 1] if k > 0 else -1)
-            eps = _call_model(model_fn, x, t)
-            noise = (
-                torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                if eta > 0 and k > 0
-                else None
-            )
-            x = ddim_step(diffusion, eps, x, t, t_prev, eta, noise, clip_denoised)
-    return x
+    config = ReverseConfig("ddim", steps=steps, eta=eta, clip_denoised=clip_denoised)
+    return _sample(model_fn, diffusion, shape, config, generator=generator, device=device, dtype=dtype,
+                   progress=progress, x_T=x_T)

@@ -1,7 +1,8 @@
 """Conditional generation with the joint model's own classifier: representation-optimized
 sampling (PAPER.md), pixel-space classifier guidance, and visual counterfactual explanations."""
+from jdm_fast.diffusion import SAMPLERS, ReverseConfig, reverse_process, timestep_sequence
+
 from .loading import LoadedModel, load_joint_model
-from .process import SAMPLERS, respaced, reverse_process, timestep_sequence
 from .samplers import (
     DEFAULT_SAMPLER,
     MODES,
@@ -25,6 +26,7 @@ __all__ = [
     "predicted_x0",
     "MODES",
     "SAMPLERS",
+    "ReverseConfig",
     "AuthorsTimeHead",
     "Counterfactuals",
     "LoadedModel",
@@ -37,7 +39,6 @@ __all__ = [
     "head_probabilities",
     "load_joint_model",
     "representation_eps",
-    "respaced",
     "reverse_process",
     "timestep_sequence",
     "unconditional_eps",

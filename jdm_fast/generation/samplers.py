@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from jdm_fast.data.augment import AugmentConfig
+from jdm_fast.diffusion import SAMPLERS, ReverseConfig, reverse_process
 from jdm_fast.models.joint import JointDiffusion
 
-from .process import SAMPLERS, reverse_process, timestep_sequence
-from .process import respaced
 from .steering import HEAD_INPUTS, AuthorsTimeHead, guidance_eps, representation_eps, unconditional_eps
 
 MODES = ("uncond", "cond", "guided", "counterfactual")
@@ -69,6 +68,13 @@ def sampler_for(mode: str, settings: SampleSettings) -> str:
     return settings.sampler or DEFAULT_SAMPLER[mode]
 
 
+def _reverse_config(mode: str, settings: SampleSettings, num_timesteps: int, t_start: float = 1.0) -> ReverseConfig:
+    """The reverse process a run of ``mode`` takes; ``steps`` beyond T mean the full chain."""
+    steps = None if settings.steps is None else min(settings.steps, num_timesteps)
+    return ReverseConfig(sampler_for(mode, settings), steps=steps, t_start=t_start, eta=settings.eta,
+                         clip_denoised=settings.clip_denoised)
+
+
 def _view_generator(generator: torch.Generator, settings: SampleSettings, augment: AugmentConfig | None,
                     device) -> torch.Generator | None:
     """A generator for the head views' augmentation draws, seeded from ``generator`` (one draw, only
@@ -90,7 +96,7 @@ def check_class(c: int, num_classes: int) -> int:
     return int(c)
 
 
-def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleSettings, seq: list[int],
+def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleSettings, config: ReverseConfig,
             augment: AugmentConfig | None = None, view_generator: torch.Generator | None = None):
     if mode == "uncond":
         return unconditional_eps(model)
@@ -101,12 +107,12 @@ def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleS
                                   normalize=s.normalize, inner_steps=s.inner_steps, t_min=s.t_min, **views)
     if mode == "guided":
         variances = None
-        sampler = sampler_for(mode, s)
-        if sampler == "ancestral":
-            var = respaced(model.diffusion, seq).posterior_variance.tolist()
+        if config.sampler == "ancestral":
+            seq, chain = config.plan(model.diffusion)
+            var = chain.posterior_variance.tolist()
             variances = {t: var[i] for i, t in enumerate(seq)}
-        return guidance_eps(model, y, s.guidance_scale, model.diffusion, sampler, variances, s.head_input, s.t_min,
-                            **views)
+        return guidance_eps(model, y, s.guidance_scale, model.diffusion, config.sampler, variances, s.head_input,
+                            s.t_min, **views)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -125,17 +131,15 @@ def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | 
         for c in labels.unique().tolist():
             check_class(c, model.config.head.num_classes)
     u = model.config.unet
-    seq = timestep_sequence(model.diffusion.num_timesteps, settings.steps)
-    sampler = sampler_for(mode, settings)
+    config = _reverse_config(mode, settings, model.diffusion.num_timesteps)
     vg = None if mode == "uncond" else _view_generator(generator, settings, augment, device)
     out = []
     for i in range(0, num, settings.batch_size):
         b = min(settings.batch_size, num - i)
         x = torch.randn((b, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
         y = None if labels is None else labels[i:i + b].to(device)
-        out.append(reverse_process(_eps_fn(model, mode, y, settings, seq, augment, vg), model.diffusion, x, seq,
-                                   sampler=sampler, eta=settings.eta, generator=generator,
-                                   clip_denoised=settings.clip_denoised))
+        out.append(reverse_process(_eps_fn(model, mode, y, settings, config, augment, vg), model.diffusion, x, config,
+                                   generator=generator))
     return torch.cat(out)
 
 
@@ -179,18 +183,17 @@ def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tens
         raise ValueError(f"x0 must be (N, C, H, W) and targets (N,), got {tuple(x0.shape)} and {tuple(targets.shape)}")
     for c in targets.unique().tolist():
         check_class(c, model.config.head.num_classes)
-    seq = timestep_sequence(model.diffusion.num_timesteps, settings.steps, t_start)
-    sampler = sampler_for("counterfactual", settings)
+    config = _reverse_config("counterfactual", settings, model.diffusion.num_timesteps, t_start)
+    start = config.timesteps(model.diffusion.num_timesteps)[-1]
     vg = _view_generator(generator, settings, augment, x0.device)
     out = []
     for i in range(0, x0.shape[0], settings.batch_size):
         xb, yb = x0[i:i + settings.batch_size], targets[i:i + settings.batch_size].to(x0.device)
-        t = torch.full((xb.shape[0],), seq[-1], dtype=torch.long, device=x0.device)
+        t = torch.full((xb.shape[0],), start, dtype=torch.long, device=x0.device)
         noise = torch.randn(xb.shape, generator=generator, device=x0.device)
         x_t = model.diffusion.q_sample(xb, t, noise)
-        out.append(reverse_process(_eps_fn(model, "counterfactual", yb, settings, seq, augment, vg), model.diffusion,
-                                   x_t, seq, sampler=sampler, eta=settings.eta, generator=generator,
-                                   clip_denoised=settings.clip_denoised))
+        out.append(reverse_process(_eps_fn(model, "counterfactual", yb, settings, config, augment, vg),
+                                   model.diffusion, x_t, config, generator=generator))
     cf = torch.cat(out)
     return Counterfactuals(x0, cf, targets.to(x0.device), head_probabilities(model, x0), head_probabilities(model, cf),
                            float(t_start), settings.alpha)
