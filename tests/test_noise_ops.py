@@ -450,11 +450,12 @@ def _bad_inputs(diff, ops):
         ops.eps_mse(x.half(), x.bfloat16())
     args = ancestral_args(diff, "fixed_small")
     with pytest.raises(ValueError, match="either noise or seed"):
-        ops.ancestral_step(x, x, t, *args, True, x, 1, 0)
+        ops.ancestral_step(x, x, t, *args, True, noise=x, seed=1, offset=0)
     with pytest.raises(ValueError, match="t_prev"):
-        ops.ddim_step(x, x, t, torch.tensor([-1, 1, 1, 2]), diff.alphas_cumprod, 0.0, True, None, None, 0)
+        ops.ddim_step(x, x, t, torch.tensor([-1, 1, 1, 2]), diff.alphas_cumprod, 0.0, True, noise=None, seed=None,
+                      offset=0)
     with pytest.raises(ValueError, match="eta"):
-        ops.ddim_step(x, x, t, t - 1, diff.alphas_cumprod, 1.5, True, None, None, 0)
+        ops.ddim_step(x, x, t, t - 1, diff.alphas_cumprod, 1.5, True, noise=None, seed=None, offset=0)
 
 
 def test_pure_pytorch_fallback_when_the_extension_is_missing(tmp_path, diff):
@@ -505,8 +506,8 @@ def test_pure_pytorch_fallback_when_the_extension_is_missing(tmp_path, diff):
 
 
 def test_stream_offset_stays_symbolic_under_torch_compile(diff):
-    """The trainer's noise offset changes every step: with an ``int`` schema torch.compile
-    specialized on it and recompiled each step; as SymInt one dynamic graph serves every step."""
+    """The trainer's noise offset changes every step: the schema's SymInt offset stays symbolic, so
+    one dynamic graph serves every step (an ``int`` would specialize the graph and recompile it)."""
     from torch._dynamo.utils import counters
 
     a, b = diff.sqrt_alphas_cumprod.float(), diff.sqrt_one_minus_alphas_cumprod.float()
@@ -514,8 +515,8 @@ def test_stream_offset_stays_symbolic_under_torch_compile(diff):
 
     def step_noise(x, step):
         x_t, z = N.q_sample_philox(x, t, a, b, 5, step * x.numel())
-        out = N.ddim_step(x_t, z, t, t - 1, diff.alphas_cumprod, 1.0, True, None, 7, step * x.numel())
-        return out + N.ancestral_step(x_t, z, t, *ancestral_args(diff, "fixed_small"), True, None, 7, step)
+        out = N.ddim_step(x_t, z, t, t - 1, diff.alphas_cumprod, 1.0, True, seed=7, offset=step * x.numel())
+        return out + N.ancestral_step(x_t, z, t, *ancestral_args(diff, "fixed_small"), True, seed=7, offset=step)
 
     torch._dynamo.reset()
     counters.clear()

@@ -43,9 +43,10 @@ scalar, as autocast does for ``mse_loss``):
   final step to abar = 1); with clipping, eps is recomputed from the clamped x0; sigma =
   eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a'). Noise as for ancestral_step.
 
-Checks: dtypes float32/float16/bfloat16; tables 1-D float32/float64 of one length T on the data's
-device; t int64 of shape (batch,); mismatched shapes, dtypes or devices raise ``ValueError`` /
-``TypeError`` naming the argument. t outside [0, T) raises ``ValueError`` on the CPU and fails a
+Checks, made once by the op that runs (C++, or the Python mirror in ``_noise_checks``): dtypes
+float32/float16/bfloat16; tables 1-D float32/float64 of one length T on the data's device; t int64
+of shape (batch,); mismatched shapes, dtypes or devices raise ``ValueError`` / ``TypeError`` naming
+the argument. t outside [0, T) raises ``ValueError`` on the CPU and fails a
 device-side assert on CUDA (like an out-of-range index; no host sync per call). Non-contiguous
 inputs are copied; outputs are contiguous. The sampler steps have no autograd.
 """
@@ -338,8 +339,9 @@ def _no_grad_inputs(op: str, *tensors) -> None:
 def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cumprod: Tensor,
                    sqrt_recipm1_alphas_cumprod: Tensor, posterior_mean_coef1: Tensor,
                    posterior_mean_coef2: Tensor, log_variance: Tensor, clip_denoised: bool = True,
-                   noise: Tensor | None = None, seed: int | None = None, offset: int = 0) -> Tensor:
-    """One fused DDPM ancestral step (see the module docstring)."""
+                   noise: Tensor | None = None, *, seed: int | None = None, offset: int = 0) -> Tensor:
+    """One fused DDPM ancestral step (see the module docstring). The op's arguments in its order;
+    the Philox ``seed`` and ``offset`` by keyword."""
     _no_grad_inputs("ancestral_step", x_t, eps_hat, noise)
     f = _python_ancestral_step if _use_reference() else torch.ops.jdm_fast.ancestral_step
     return f(x_t, eps_hat, t, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
@@ -348,9 +350,10 @@ def ancestral_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, sqrt_recip_alphas_cu
 
 
 def ddim_step(x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, alphas_cumprod: Tensor,
-              eta: float = 0.0, clip_denoised: bool = True, noise: Tensor | None = None,
+              eta: float = 0.0, clip_denoised: bool = True, noise: Tensor | None = None, *,
               seed: int | None = None, offset: int = 0) -> Tensor:
-    """One fused DDIM step from index t to t_prev in [-1, t) (see the module docstring)."""
+    """One fused DDIM step from index t to t_prev in [-1, t) (see the module docstring). The op's
+    arguments in its order; the Philox ``seed`` and ``offset`` by keyword."""
     _no_grad_inputs("ddim_step", x_t, eps_hat, noise)
     f = _python_ddim_step if _use_reference() else torch.ops.jdm_fast.ddim_step
     return f(x_t, eps_hat, t, t_prev, alphas_cumprod, float(eta), bool(clip_denoised), noise,
