@@ -4,10 +4,10 @@ The ops are ``torch.ops.jdm_fast.<name>``, implemented in C++ (CPU) and CUDA by 
 ``jdm_fast._C`` (``csrc/``, loaded by ``jdm_fast.ops._extension``). This module registers their
 fake implementations and autograd (so ``torch.compile(fullgraph=True)`` traces them) and exposes
 typed wrappers, the public ops. Where ``jdm_fast._C`` is missing, the same op names are defined
-here as ``torch.library.custom_op``s running the pure-PyTorch references
+here as ``torch.library.custom_op``s that check their arguments as the C++ ops do
+(``jdm_fast.ops._noise_checks``) and run the pure-PyTorch references
 (``jdm_fast.ops.noise_reference``); ``jdm_fast.ops.backend("reference")`` routes the wrappers to
-the references too. The Python argument checks (``jdm_fast.ops._noise_checks``) mirror the C++
-ones.
+these Python ops too.
 
 Ops (math in float32 per element, per-example coefficients from the float32/float64 schedule
 tables in float64; outputs in the input dtype, except ``eps_mse`` which returns a float32
