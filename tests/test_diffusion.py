@@ -391,7 +391,7 @@ def test_ddim_step_matches_formula():
     eps = torch.randn(3, 4, generator=g, dtype=F64)
     noise = torch.randn(3, 4, generator=g, dtype=F64)
     eta = 0.7
-    out = ddim_step(abar, eps, x_t, t, t_prev, eta, noise, clip_denoised=False)
+    out = ddim_step(abar, eps, x_t, t, t_prev, eta=eta, noise=noise, clip_denoised=False)
     for i in range(3):
         a = abar_list[t[i]]
         ap = abar_list[t_prev[i]] if t_prev[i] >= 0 else 1.0
@@ -414,7 +414,7 @@ def test_step_functions_are_differentiable():
     assert torch.autograd.gradcheck(
         lambda e, x: ancestral_step(d, e, x, t, noise, clip_denoised=False), (eps, x_t))
     assert torch.autograd.gradcheck(
-        lambda e, x: ddim_step(d, e, x, t, t_prev, 0.5, noise, clip_denoised=False), (eps, x_t))
+        lambda e, x: ddim_step(d, e, x, t, t_prev, eta=0.5, noise=noise, clip_denoised=False), (eps, x_t))
 
 
 @pytest.mark.parametrize("sampler,kwargs,expected", [

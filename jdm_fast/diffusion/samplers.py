@@ -80,6 +80,7 @@ def ancestral_step(
     x_t: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor | None,
+    *,
     clip_denoised: bool = True,
     variance: str = "fixed_small",
 ) -> torch.Tensor:
@@ -149,6 +150,7 @@ def ddim_step(
     x_t: torch.Tensor,
     t: torch.Tensor,
     t_prev: torch.Tensor,
+    *,
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
     clip_denoised: bool = True,
@@ -278,6 +280,11 @@ class ReverseConfig:
         chain, timestep_map = base.respace(n)
         return timestep_map.tolist(), chain if device is None else chain.to(device)
 
+    def step_variances(self, diffusion: GaussianDiffusion) -> dict[int, float]:
+        """sigma^2 of each ancestral step (the chain's ``variance`` table), by original timestep."""
+        timesteps, chain = self.plan(diffusion)
+        return dict(zip(timesteps, getattr(chain, _variance_tables(self.variance)[0]).tolist()))
+
 
 def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -314,11 +321,12 @@ def reverse_process(
             if config.sampler == "ddim":
                 t_prev = torch.full_like(t, timesteps[k - 1] if k > 0 else -1)
                 noise = _noise(x, generator) if config.eta > 0 and k > 0 else None
-                x = ddim_step(tables, eps, x, t, t_prev, config.eta, noise, config.clip_denoised)
+                x = ddim_step(tables, eps, x, t, t_prev, eta=config.eta, noise=noise,
+                              clip_denoised=config.clip_denoised)
             else:
                 noise = _noise(x, generator) if k > 0 else None
-                x = ancestral_step(tables, eps, x, torch.full_like(t, k), noise, config.clip_denoised,
-                                   config.variance)
+                x = ancestral_step(tables, eps, x, torch.full_like(t, k), noise,
+                                   clip_denoised=config.clip_denoised, variance=config.variance)
             if shift is not None and k > 0:
                 x = x + shift.detach().to(x.dtype)
     return x

@@ -15,8 +15,16 @@ from .samplers import (
     head_probabilities,
     sampler_for,
 )
-from .steering import (HEAD_INPUTS, AuthorsTimeHead, guidance_eps, head_log_probs, predicted_x0, representation_eps,
-                       unconditional_eps)
+from .steering import (
+    HEAD_INPUTS,
+    AuthorsTimeHead,
+    HeadViews,
+    guidance_eps,
+    head_log_probs,
+    predicted_x0,
+    representation_eps,
+    unconditional_eps,
+)
 
 __all__ = [
     "DEFAULT_SAMPLER",
@@ -29,6 +37,7 @@ __all__ = [
     "ReverseConfig",
     "AuthorsTimeHead",
     "Counterfactuals",
+    "HeadViews",
     "LoadedModel",
     "SampleSettings",
     "balanced_labels",

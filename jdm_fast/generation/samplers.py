@@ -10,7 +10,7 @@ from jdm_fast.data.augment import AugmentConfig
 from jdm_fast.diffusion import SAMPLERS, ReverseConfig, reverse_process
 from jdm_fast.models.joint import JointDiffusion
 
-from .steering import HEAD_INPUTS, AuthorsTimeHead, guidance_eps, representation_eps, unconditional_eps
+from .steering import HEAD_INPUTS, AuthorsTimeHead, HeadViews, guidance_eps, representation_eps, unconditional_eps
 
 MODES = ("uncond", "cond", "guided", "counterfactual")
 # The sampler each mode uses when SampleSettings.sampler is None. Representation-optimized
@@ -75,14 +75,14 @@ def _reverse_config(mode: str, settings: SampleSettings, num_timesteps: int, t_s
                          clip_denoised=settings.clip_denoised)
 
 
-def _view_generator(generator: torch.Generator, settings: SampleSettings, augment: AugmentConfig | None,
-                    device) -> torch.Generator | None:
-    """A generator for the head views' augmentation draws, seeded from ``generator`` (one draw, only
-    when views are used, so a one-view run's noise stream is unchanged)."""
+def _head_views(generator: torch.Generator, settings: SampleSettings, augment: AugmentConfig | None,
+                device) -> HeadViews:
+    """The head views of a steered run; their augmentation draws come from a generator seeded from
+    ``generator`` (one draw, only when views are used, so a one-view run's noise stream is unchanged)."""
     if augment is None or settings.head_views == 1:
-        return None
+        return HeadViews(augment, settings.head_views)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator(device).manual_seed(seed)
+    return HeadViews(augment, settings.head_views, torch.Generator(device).manual_seed(seed))
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
@@ -97,27 +97,20 @@ def check_class(c: int, num_classes: int) -> int:
 
 
 def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleSettings, config: ReverseConfig,
-            augment: AugmentConfig | None = None, view_generator: torch.Generator | None = None):
+            views: HeadViews | None):
     if mode == "uncond":
         return unconditional_eps(model)
-    views = dict(augment=augment, views=s.head_views, view_generator=view_generator)
     if mode in ("cond", "counterfactual"):
         head = AuthorsTimeHead(model.head).to(y.device) if s.authors else None
         return representation_eps(model, y, s.alpha, head_input=s.head_input, authors=s.authors, authors_head=head,
-                                  normalize=s.normalize, inner_steps=s.inner_steps, t_min=s.t_min, **views)
+                                  normalize=s.normalize, inner_steps=s.inner_steps, t_min=s.t_min, views=views)
     if mode == "guided":
-        variances = None
-        if config.sampler == "ancestral":
-            seq, chain = config.plan(model.diffusion)
-            var = chain.posterior_variance.tolist()
-            variances = {t: var[i] for i, t in enumerate(seq)}
-        return guidance_eps(model, y, s.guidance_scale, model.diffusion, config.sampler, variances, s.head_input,
-                            s.t_min, **views)
+        return guidance_eps(model, y, s.guidance_scale, config, head_input=s.head_input, t_min=s.t_min, views=views)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | None, settings: SampleSettings,
-             generator: torch.Generator, device: torch.device | str = "cpu",
+             generator: torch.Generator, device: torch.device | str = "cpu", *,
              augment: AugmentConfig | None = None) -> torch.Tensor:
     """``num`` samples (N, C, H, W) in [-1, 1]; ``labels`` (N,) are the target classes (cond, guided).
 
@@ -132,13 +125,13 @@ def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | 
             check_class(c, model.config.head.num_classes)
     u = model.config.unet
     config = _reverse_config(mode, settings, model.diffusion.num_timesteps)
-    vg = None if mode == "uncond" else _view_generator(generator, settings, augment, device)
+    views = None if mode == "uncond" else _head_views(generator, settings, augment, device)
     out = []
     for i in range(0, num, settings.batch_size):
         b = min(settings.batch_size, num - i)
         x = torch.randn((b, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
         y = None if labels is None else labels[i:i + b].to(device)
-        out.append(reverse_process(_eps_fn(model, mode, y, settings, config, augment, vg), model.diffusion, x, config,
+        out.append(reverse_process(_eps_fn(model, mode, y, settings, config, views), model.diffusion, x, config,
                                    generator=generator))
     return torch.cat(out)
 
@@ -172,7 +165,7 @@ class Counterfactuals:
 
 
 def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tensor, t_start: float,
-                    settings: SampleSettings, generator: torch.Generator,
+                    settings: SampleSettings, generator: torch.Generator, *,
                     augment: AugmentConfig | None = None) -> Counterfactuals:
     """Noise ``x0`` to ``t_start`` (a fraction of T), then run the representation-optimized reverse
     process towards ``targets`` from there to t = 0 (``round(steps * t_start)`` DDIM steps, or the
@@ -185,14 +178,14 @@ def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tens
         check_class(c, model.config.head.num_classes)
     config = _reverse_config("counterfactual", settings, model.diffusion.num_timesteps, t_start)
     start = config.timesteps(model.diffusion.num_timesteps)[-1]
-    vg = _view_generator(generator, settings, augment, x0.device)
+    views = _head_views(generator, settings, augment, x0.device)
     out = []
     for i in range(0, x0.shape[0], settings.batch_size):
         xb, yb = x0[i:i + settings.batch_size], targets[i:i + settings.batch_size].to(x0.device)
         t = torch.full((xb.shape[0],), start, dtype=torch.long, device=x0.device)
         noise = torch.randn(xb.shape, generator=generator, device=x0.device)
         x_t = model.diffusion.q_sample(xb, t, noise)
-        out.append(reverse_process(_eps_fn(model, "counterfactual", yb, settings, config, augment, vg),
+        out.append(reverse_process(_eps_fn(model, "counterfactual", yb, settings, config, views),
                                    model.diffusion, x_t, config, generator=generator))
     cf = torch.cat(out)
     return Counterfactuals(x0, cf, targets.to(x0.device), head_probabilities(model, x0), head_probabilities(model, cf),

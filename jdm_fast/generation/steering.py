@@ -16,16 +16,16 @@ What the head sees (``head_input``):
   With a head trained at t = 0 these features are off its training distribution: on the default
   digits model this does not steer (target rate about chance). Kept to show the difference.
 
-Head views (``views``, ``augment``): the head was trained on AUGMENTED clean images (digits: random
+Head views (:class:`HeadViews`): the head was trained on AUGMENTED clean images (digits: random
 2-pixel shifts), so "as it was trained" means the expectation over that augmentation. With
-``views = V > 1`` the loss is the cross-entropy averaged over V augmented copies of x0_hat (drawn
-from ``view_generator``; ``augment`` is the training augmentation, LoadedModel.augment); a
+``count = V > 1`` the loss is the cross-entropy averaged over V augmented copies of x0_hat (drawn
+from the views' generator; ``augment`` is the training augmentation, LoadedModel.augment); a
 gradient that must survive the shifts moves strokes rather than single pixels. On the default
 digits checkpoint (50 samples, ancestral 50 steps) the independent classifier's target rate goes
 from 0.84 with one view to 0.90 with 4 (DDIM 25 steps: 0.70 -> 0.80), and counterfactuals at
 t-start 0.3 are read as their target by that classifier for 35% of 20 test digits instead of 20%
 (the head's own flip rate is 65% vs 70%: fewer of its flips are adversarial). A model trained without
-augmentation has one view: ``augment=None`` ignores ``views``.
+augmentation has one view: ``augment=None`` ignores ``count``.
 
 The step (``normalize=True``, default) is ``alpha * rms(z) * g / rms(g)`` per example (RMS over
 all representation tensors together), so ``alpha`` is a dimensionless fraction of the
@@ -50,13 +50,14 @@ abar_t) g``, Dhariwal & Nichol) or added to the ancestral posterior mean (``s si
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from jdm_fast.data.augment import AugmentConfig, apply_augment
-from jdm_fast.diffusion import GaussianDiffusion
+from jdm_fast.diffusion import ReverseConfig, extract
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.models.unet import Encoded
 
@@ -142,6 +143,24 @@ def _target_log_prob(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logp.gather(2, y[None, :, None].expand(logp.shape[0], -1, 1)).sum() / logp.shape[0]
 
 
+@dataclass(frozen=True)
+class HeadViews:
+    """What the head reads while steering on x0_hat: ``count`` copies under ``augment`` (the head's
+    training augmentation, ``LoadedModel.augment``), drawn from ``generator``; ``augment=None``
+    (a model trained without augmentation) is one unaugmented view whatever ``count``."""
+
+    augment: AugmentConfig | None = None
+    count: int = 1
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        _check_views(self.count)
+
+    def log_probs(self, model: JointDiffusion, x0: torch.Tensor) -> torch.Tensor:
+        """:func:`head_log_probs` of ``x0`` under these views."""
+        return head_log_probs(model, x0, self.augment, self.count, self.generator)
+
+
 def unconditional_eps(model: JointDiffusion):
     def eps_fn(x: torch.Tensor, t: torch.Tensor, t_value: int):
         with torch.no_grad():
@@ -157,10 +176,8 @@ def _per_example_rms(ts: list[torch.Tensor]) -> torch.Tensor:
 
 def representation_eps(model: JointDiffusion, y: torch.Tensor, alpha: float, *, head_input: str = "x0",
                        authors: bool = False, authors_head: AuthorsTimeHead | None = None, normalize: bool = True,
-                       inner_steps: int = 1, t_min: float = 0.0, augment: AugmentConfig | None = None,
-                       views: int = 1, view_generator: torch.Generator | None = None):
+                       inner_steps: int = 1, t_min: float = 0.0, views: HeadViews = HeadViews()):
     """eps from representations moved towards class ``y`` (see module doc)."""
-    _check_views(views)
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if inner_steps < 1:
@@ -178,7 +195,7 @@ def representation_eps(model: JointDiffusion, y: torch.Tensor, alpha: float, *, 
             logits = authors_head(feats, t) if authors else model.head(feats)
             return F.cross_entropy(logits.float(), yy, reduction="sum")
         x0 = predicted_x0(model, x, t, model.unet.decode(zs[0], zs[1:], emb))
-        return -_target_log_prob(head_log_probs(model, x0, augment, views, view_generator), yy)
+        return -_target_log_prob(views.log_probs(model, x0), yy)
 
     yy = _check_labels(y, model.config.head.num_classes)
 
@@ -204,20 +221,16 @@ def representation_eps(model: JointDiffusion, y: torch.Tensor, alpha: float, *, 
     return eps_fn
 
 
-def guidance_eps(model: JointDiffusion, y: torch.Tensor, scale: float, diffusion: GaussianDiffusion,
-                 sampler: str, step_variances: dict[int, float] | None = None, head_input: str = "x0",
-                 t_min: float = 0.0, augment: AugmentConfig | None = None, views: int = 1,
-                 view_generator: torch.Generator | None = None):
-    """eps (DDIM) or eps + mean shift (ancestral) of pixel-space classifier guidance towards ``y``.
-
-    ``step_variances`` maps an original timestep to the ancestral step's sigma_t^2 (needed for
-    ``sampler="ancestral"``); ``augment``/``views`` as for :func:`representation_eps`."""
-    _check_views(views)
+def guidance_eps(model: JointDiffusion, y: torch.Tensor, scale: float, config: ReverseConfig, *,
+                 head_input: str = "x0", t_min: float = 0.0, views: HeadViews = HeadViews()):
+    """eps (DDIM) or eps + mean shift (ancestral) of pixel-space classifier guidance towards ``y``,
+    for the reverse process ``config`` runs on ``model.diffusion``."""
     if scale < 0:
         raise ValueError(f"guidance scale must be >= 0, got {scale}")
     _check_head_input(head_input)
-    abar = diffusion.alphas_cumprod
-
+    diffusion = model.diffusion
+    # sigma_t^2 of each ancestral step, by original timestep (Python floats: no per-step host sync)
+    step_variances = config.step_variances(diffusion) if config.sampler == "ancestral" else None
     yy = _check_labels(y, model.config.head.num_classes)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor, t_value: int):
@@ -232,13 +245,12 @@ def guidance_eps(model: JointDiffusion, y: torch.Tensor, scale: float, diffusion
                 logp = F.log_softmax(model.logits(enc).float(), dim=1)
             else:
                 x0 = predicted_x0(model, xg, t, model.unet.decode(*enc))
-                logp = head_log_probs(model, x0, augment, views, view_generator)
+                logp = views.log_probs(model, x0)
             grad, = torch.autograd.grad(_target_log_prob(logp, yy), xg)
         with torch.no_grad():
             eps = model.unet.decode(enc.h.detach(), [s.detach() for s in enc.skips], enc.emb.detach())
-            per = (1,) * (x.ndim - 1)
-            if sampler == "ddim":
-                coef = (1.0 - abar.to(x.device)[t]).sqrt().to(x.dtype).view(-1, *per)
+            if config.sampler == "ddim":
+                coef = extract(diffusion.table("sqrt_one_minus_alphas_cumprod", x.device), t, x)
                 return eps - scale * coef * grad, None
             return eps, scale * step_variances[t_value] * grad
     return eps_fn
