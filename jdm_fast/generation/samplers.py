@@ -15,12 +15,9 @@ from .steering import HEAD_INPUTS, AuthorsTimeHead, HeadViews, guidance_eps, rep
 MODES = ("uncond", "cond", "guided", "counterfactual")
 # The sampler each mode uses when SampleSettings.sampler is None. Representation-optimized
 # generation (cond) is ancestral: its fresh noise at every step washes out the high-frequency
-# texture the steering adds, which a deterministic DDIM run keeps (default digits checkpoint, 50
-# steps, 4 head views: independent-classifier target rate 0.90 ancestral vs 0.78 DDIM on 50
-# samples; 0.93 ancestral on 100, two seeds). Guided stays DDIM (0.54 vs 0.56 ancestral on the
-# default checkpoint, 0.40 vs 0.28 on the test suite's small model); uncond is deterministic DDIM;
-# counterfactuals are DDIM so they stay closer to their original (ancestral: head flips 85% instead
-# of 65% at t-start 0.3, mean |change| 0.22 instead of 0.18).
+# texture the steering adds, which a deterministic DDIM run keeps. uncond is deterministic DDIM;
+# guided is DDIM too (the ancestral sampler guides no better); counterfactuals are DDIM so they
+# stay closer to their original.
 DEFAULT_SAMPLER = {"uncond": "ddim", "cond": "ancestral", "guided": "ddim", "counterfactual": "ddim"}
 
 

@@ -13,27 +13,23 @@ What the head sees (``head_input``):
   head(features(encode(x0_hat, t=0)))``. The gradient flows through the decoder and the t = 0
   encoder pass back to z.
 - ``"xt"``: PAPER.md literally: the head on the pooled features of x_t's own representations z.
-  With a head trained at t = 0 these features are off its training distribution: on the default
-  digits model this does not steer (target rate about chance). Kept to show the difference.
+  With a head trained at t = 0 these features are off its training distribution, so this does
+  not steer. Kept to show the difference.
 
 Head views (:class:`HeadViews`): the head was trained on AUGMENTED clean images (digits: random
 2-pixel shifts), so "as it was trained" means the expectation over that augmentation. With
 ``count = V > 1`` the loss is the cross-entropy averaged over V augmented copies of x0_hat (drawn
 from the views' generator; ``augment`` is the training augmentation, LoadedModel.augment); a
-gradient that must survive the shifts moves strokes rather than single pixels. On the default
-digits checkpoint (50 samples, ancestral 50 steps) the independent classifier's target rate goes
-from 0.84 with one view to 0.90 with 4 (DDIM 25 steps: 0.70 -> 0.80), and counterfactuals at
-t-start 0.3 are read as their target by that classifier for 35% of 20 test digits instead of 20%
-(the head's own flip rate is 65% vs 70%: fewer of its flips are adversarial). A model trained without
-augmentation has one view: ``augment=None`` ignores ``count``.
+gradient that must survive the shifts moves strokes rather than single pixels, so fewer of the
+changes fool the head alone. A model trained without augmentation has one view: ``augment=None``
+ignores ``count``.
 
 The step (``normalize=True``, default) is ``alpha * rms(z) * g / rms(g)`` per example (RMS over
 all representation tensors together), so ``alpha`` is a dimensionless fraction of the
 representations' size and its scale does not depend on the model or t; ``inner_steps`` repeats
 the gradient step (recomputing the gradient) before decoding: several small steps steer better than
-one large one (on the small test model 3 x 0.03 reads as the target ~0.65 of the time under the
-independent classifier, 1 x 0.1 ~0.35: large single steps find adversarial textures that fool the
-head but not an independent classifier). Defaults (SampleSettings): alpha 0.02, 5 inner steps. ``t_min``
+one large one: a large single step finds adversarial textures that fool the head but not an
+independent classifier. Defaults (SampleSettings): alpha 0.02, 5 inner steps. ``t_min``
 (fraction of T) leaves the steps below it unsteered (default 0: steer every step). ``normalize=False`` is the paper's
 raw ``alpha * g`` (alpha order 1e2..1e3 in the authors' runs, CE summed over the batch).
 
