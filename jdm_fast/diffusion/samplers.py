@@ -309,8 +309,9 @@ def reverse_process(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Run from ``x`` (a sample at the config's first timestep, ``config.timesteps(T)[-1]``) down
-    to x_0. Each step's noise is drawn from ``generator`` after its eps, in x's dtype."""
+    """Run from ``x`` (a sample at the start timestep ``config.timesteps(T)[-1]``; pure noise when
+    ``t_start = 1``) down to x_0. Each step's noise is drawn from ``generator`` after its eps, in
+    x's dtype."""
     timesteps, tables = config.plan(diffusion, x.device)
     b, dev = x.shape[0], x.device
     for k in _progress(reversed(range(len(timesteps))), progress, len(timesteps), config.sampler):
