@@ -21,7 +21,6 @@ from .steering import (
     HeadViews,
     guidance_eps,
     head_log_probs,
-    predicted_x0,
     representation_eps,
     unconditional_eps,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "head_log_probs",
     "sampler_for",
     "HEAD_INPUTS",
-    "predicted_x0",
     "MODES",
     "SAMPLERS",
     "ReverseConfig",

@@ -107,13 +107,12 @@ def _check_head_input(head_input: str) -> None:
         raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {head_input!r}")
 
 
-def predicted_x0(model: JointDiffusion, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                 clamp: bool = True) -> torch.Tensor:
-    """``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``; clamped to [-1, 1] with a straight-through
-    gradient (the clamp's value, the identity's gradient) so saturated pixels still pass gradient."""
-    abar = model.diffusion.alphas_cumprod.to(x.device)[t].to(torch.float32).view(-1, *(1,) * (x.ndim - 1))
-    x0 = (x.float() - (1.0 - abar).sqrt() * eps.float()) / abar.sqrt()
-    return x0 + (x0.clamp(-1.0, 1.0) - x0).detach() if clamp else x0
+def _x0_hat(model: JointDiffusion, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The model's clean-image prediction in float32 (:meth:`GaussianDiffusion.predict_x0_from_eps`,
+    the x_0 the sampler's own step computes), clamped to [-1, 1] with a straight-through gradient
+    (the clamp's value, the identity's gradient) so saturated pixels still pass gradient."""
+    x0 = model.diffusion.predict_x0_from_eps(x.float(), t, eps.float())
+    return x0 + (x0.clamp(-1.0, 1.0) - x0).detach()
 
 
 def _check_views(views: int) -> None:
@@ -190,7 +189,7 @@ def representation_eps(model: JointDiffusion, y: torch.Tensor, alpha: float, *, 
             feats = model.unet.features(Encoded(zs[0], zs[1:], emb))
             logits = authors_head(feats, t) if authors else model.head(feats)
             return F.cross_entropy(logits.float(), yy, reduction="sum")
-        x0 = predicted_x0(model, x, t, model.unet.decode(zs[0], zs[1:], emb))
+        x0 = _x0_hat(model, x, t, model.unet.decode(zs[0], zs[1:], emb))
         return -_target_log_prob(views.log_probs(model, x0), yy)
 
     yy = _check_labels(y, model.config.head.num_classes)
@@ -240,7 +239,7 @@ def guidance_eps(model: JointDiffusion, y: torch.Tensor, scale: float, config: R
             if head_input == "xt":
                 logp = F.log_softmax(model.logits(enc).float(), dim=1)
             else:
-                x0 = predicted_x0(model, xg, t, model.unet.decode(*enc))
+                x0 = _x0_hat(model, xg, t, model.unet.decode(*enc))
                 logp = views.log_probs(model, x0)
             grad, = torch.autograd.grad(_target_log_prob(logp, yy), xg)
         with torch.no_grad():
