@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jdm_fast.generation import SAMPLERS
+from jdm_fast.diffusion import SAMPLERS
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig
 
