@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="run the model channels-last (default on: faster on CUDA and, measured, on CPUs)")
     p.add_argument("--dropout", type=float, help="UNet dropout")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="augment the classifier input (--no-augment to turn off)")
+                   help="augment the classifier input (the loader's per-example keyed flips/crops/jitter; "
+                        "--no-augment to turn off)")
     p.add_argument("--labelled-fraction", type=float, help="fraction of training labels kept (semi-supervised)")
     p.add_argument("--classifier-weight", type=float, help="lambda of the joint loss")
     p.add_argument("--classifier-input", choices=["x0", "xt"], help="classifier on clean x0 (t=0) or noisy x_t")

@@ -18,11 +18,16 @@ from jdm_fast.data import (
     build_loader,
     color_jitter,
     dataset_defaults,
+    AugmentParams,
+    augment_seed,
     default_augment,
+    derive_seed,
     infinite_batches,
+    keyed_augment_params,
     load_dataset,
     random_flip,
     random_translate,
+    sample_augment_params,
     stratified_split,
 )
 
@@ -420,6 +425,60 @@ def test_default_augment():
     for name in ("cifar10", "cifar100", "/some/folder"):
         cfg = default_augment(name)
         assert (cfg.flip, cfg.pad, cfg.padding_mode, cfg.brightness) == (True, 4, "reflect", 0.1)
+
+
+def _keyed_reference(cfg: AugmentConfig, seed: int, first: int, n: int) -> AugmentParams:
+    """The documented mapping of keyed_augment_params, on the NumPy Philox reference."""
+    from jdm_fast.data.seeds import AUG_TAG
+    from jdm_fast.ops.philox import counter_uniform
+
+    u = counter_uniform(seed, AUG_TAG, first, n, 5)
+    k = (u[:, 1:3] * 2**24).astype(np.int64)
+    assert np.array_equal(k.astype(np.float64) / 2**24, u[:, 1:3])  # 24-bit uniforms: exact integers
+    v = (u[:, 3:5] * 2 - 1).astype(np.float32)
+    return AugmentParams(
+        torch.from_numpy(u[:, 0] < 0.5) if cfg.flip else None,
+        torch.from_numpy(k * (2 * cfg.pad + 1) >> 24) if cfg.pad else None,
+        torch.from_numpy(np.float32(2 * cfg.brightness) * v[:, 0]),
+        torch.from_numpy(np.float32(1) + np.float32(cfg.contrast) * v[:, 1]),
+    )
+
+
+def test_keyed_augment_params_are_the_documented_counter_draws():
+    """Row i of keyed_augment_params(first, n) belongs to example first + i: the documented
+    mapping of the Philox counter uniforms (NumPy reference), the same rows whatever batch they are
+    drawn in, offsets in [0, 2*pad], about half the images flipped, a new key for each epoch."""
+    cfg = AugmentConfig(flip=True, pad=3, padding_mode="reflect", brightness=0.2, contrast=0.1)
+    seed = augment_seed(11, 4)
+    assert seed == derive_seed(11, 4, 0x415547) and 0 <= seed < 2**63
+    got = keyed_augment_params(cfg, torch.tensor(1000), 400, seed)
+    want = _keyed_reference(cfg, seed, 1000, 400)
+    assert torch.equal(got.flip, want.flip) and torch.equal(got.offsets, want.offsets)
+    assert torch.allclose(got.shift, want.shift, rtol=0, atol=1e-7)
+    assert torch.allclose(got.scale, want.scale, rtol=0, atol=1e-7)
+    assert got.offsets.min() == 0 and got.offsets.max() == 6
+    assert len(set(got.offsets.flatten().tolist())) == 7 and 150 < int(got.flip.sum()) < 250
+    assert got.shift.abs().max() <= 0.4 and (got.scale - 1).abs().max() <= 0.1
+    part = keyed_augment_params(cfg, torch.tensor(1010), 7, seed)  # examples 1010..1016, another batch
+    for a, b in zip(part.__dict__.values(), got.__dict__.values()):
+        assert torch.equal(a, b[10:17])
+    other = keyed_augment_params(cfg, torch.tensor(1000), 400, augment_seed(11, 5))
+    assert not torch.equal(other.offsets, got.offsets)
+    flip_only = keyed_augment_params(AugmentConfig(flip=True), torch.tensor(1000), 400, seed)
+    assert torch.equal(flip_only.flip, got.flip) and flip_only.offsets is None and flip_only.shift is None
+
+
+def test_apply_augment_with_params():
+    x = _batch(n=6)
+    cfg = AugmentConfig(flip=True, pad=2, padding_mode="replicate", brightness=0.1, contrast=0.1)
+    params = sample_augment_params(cfg, 6, _gen(2))
+    assert torch.equal(apply_augment(x, cfg, params=params), apply_augment(x, cfg, _gen(2)))
+    with pytest.raises(ValueError, match="either generator or params"):
+        apply_augment(x, cfg, _gen(2), params=params)
+    with pytest.raises(ValueError, match=r"params\.offsets is None"):
+        apply_augment(x, cfg, params=AugmentParams(params.flip, None, params.shift, params.scale))
+    with pytest.raises(ValueError, match=r"params\.flip has 5 rows"):
+        apply_augment(x, cfg, params=AugmentParams(params.flip[:5], params.offsets, params.shift, params.scale))
 
 
 # ---------------------------------------------------------------------------------------------

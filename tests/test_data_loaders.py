@@ -13,13 +13,17 @@ import torch
 
 from jdm_fast.data import (
     AugmentConfig,
+    AugmentParams,
+    CleanAndAugmented,
     DatasetError,
     ImageDataset,
     apply_augment,
     build_loader,
     choose_backend,
+    infinite_batches,
     load_dataset,
     sample_augment_params,
+    shard_ranges,
 )
 from jdm_fast.data import dali_pipelines, loaders
 
@@ -146,7 +150,8 @@ def test_reproducible_and_skip_batches_exact(indexed, backend, shard):
     ids=["plain", "flip+constant", "replicate", "reflect", "cifar-like"],
 )
 def test_dali_matches_tensor_backend_on_cpu(indexed, cfg):
-    """Same samples per batch; on a CPU device also the same augmentation draws."""
+    """Same samples per batch and the same keyed augmentation draws (counter-based: the same on
+    every device; here on the CPU, the device DALI's CPU-only mode runs on)."""
     kw = dict(seed=6, shard=(1, 2), drop_last=False, augment=cfg is not None, augment_config=cfg)
     dali = _epoch(build_loader(indexed, 8, backend="dali", **kw))
     tensor = _epoch(build_loader(indexed, 8, backend="tensor", **kw))
@@ -164,6 +169,76 @@ def test_sample_augment_params_are_what_apply_augment_draws():
     mean = ref.mean(dim=(1, 2, 3), keepdim=True)
     ref = ((ref - mean) * p.scale.view(-1, 1, 1, 1) + mean + p.shift.view(-1, 1, 1, 1)).clamp(-1, 1)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def _keyed_params(cfg: AugmentConfig, seed: int, epoch: int, first: int, n: int) -> AugmentParams:
+    """The parameters the module docstrings promise for positions first .. first + n - 1 of epoch
+    ``epoch``, computed from the NumPy Philox reference and the documented mapping."""
+    from jdm_fast.data.seeds import AUG_TAG, derive_seed
+    from jdm_fast.ops.philox import counter_uniform
+
+    u = counter_uniform(derive_seed(seed, epoch, AUG_TAG), AUG_TAG, first, n, 5)
+    v = (u[:, 3:5] * 2 - 1).astype(np.float32)
+    return AugmentParams(
+        torch.from_numpy(u[:, 0] < 0.5) if cfg.flip else None,
+        torch.from_numpy((u[:, 1:3] * 2**24).astype(np.int64) * (2 * cfg.pad + 1) >> 24) if cfg.pad else None,
+        torch.from_numpy(np.float32(2 * cfg.brightness) * v[:, 0]),
+        torch.from_numpy(np.float32(1) + np.float32(cfg.contrast) * v[:, 1]),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
+def test_keep_clean_yields_the_clean_batch_and_its_keyed_augmentation(indexed, backend, shard):
+    """keep_clean=True: x is the un-augmented loader's batch, x_aug the augment=True loader's batch,
+    and x_aug is apply_augment(x) with the keyed parameters of the examples' epoch positions
+    (computed here from the NumPy Philox reference)."""
+    kw = dict(backend=backend, shard=shard, seed=9, epoch=2, drop_last=False)
+    both = list(build_loader(indexed, 8, augment=True, augment_config=CIFAR_LIKE, keep_clean=True, **kw))
+    plain = _epoch(build_loader(indexed, 8, augment=False, **kw))
+    augmented = _epoch(build_loader(indexed, 8, augment=True, augment_config=CIFAR_LIKE, **kw))
+    ranges = shard_ranges(len(indexed), 8, *shard, drop_last=False)
+    assert len(both) == len(plain) == len(augmented) == len(ranges)
+    jitter_atol = 1e-6 if backend == "dali" else 0.0  # DALI's jitter arithmetic rounds its own way
+    for batch, (x, y), (x_aug, _), (lo, hi) in zip(both, plain, augmented, ranges):
+        assert isinstance(batch, CleanAndAugmented)
+        assert torch.equal(batch.x, x) and torch.equal(batch.y, y) and torch.equal(batch.x_aug, x_aug)
+        ref = apply_augment(x, CIFAR_LIKE, params=_keyed_params(CIFAR_LIKE, 9, 2, lo, hi - lo))
+        assert torch.allclose(batch.x_aug, ref, rtol=0, atol=jitter_atol) if jitter_atol else torch.equal(batch.x_aug, ref)
+        assert not torch.equal(batch.x_aug, batch.x)
+    off = next(iter(build_loader(indexed, 8, augment=False, keep_clean=True, **kw)))
+    assert off.x_aug is None and torch.equal(off.x, plain[0][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augmentation_is_a_function_of_the_example_not_of_the_batching(indexed, backend):
+    """An example's augmented image is the same for 1 process x 12, 3 processes x 4 or 2 x 6 per
+    step (same global order): what makes augmented training independent of the world size."""
+    def images(batch_size, shards):
+        out = {}
+        for i in range(shards):
+            for x, y, x_aug in build_loader(indexed, batch_size, backend=backend, shard=(i, shards), seed=3,
+                                            epoch=1, augment=True, augment_config=CIFAR_LIKE, keep_clean=True):
+                out.update({int(k): (a, b) for k, a, b in zip(y, x, x_aug)})
+        return out
+
+    single = images(12, 1)
+    assert len(single) == 48
+    for batch_size, shards in ((4, 3), (6, 2)):
+        other = images(batch_size, shards)
+        assert other.keys() == single.keys()
+        for k, (x, x_aug) in other.items():
+            assert torch.equal(x, single[k][0]) and torch.equal(x_aug, single[k][1]), (batch_size, shards, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_clean_and_augmented_batches_resume_exactly(indexed, backend):
+    kw = dict(backend=backend, augment=True, augment_config=CIFAR_LIKE, keep_clean=True, shard=(1, 2))
+    stream = infinite_batches(indexed, 8, seed=7, **kw)  # 3 steps per epoch
+    reference = [next(stream) for _ in range(8)]
+    resumed = infinite_batches(indexed, 8, seed=7, start_step=4, **kw)
+    for got, want in zip([next(resumed) for _ in range(4)], reference[4:]):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Data parallelism: a 2-process gloo run through torchrun ends with the weights of a 1-process run
 at the same global batch; the per-example randomness and loss scaling behind it; SyncBatchNorm1d."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -57,23 +58,26 @@ def test_two_shards_draw_the_slices_of_the_global_batch(monkeypatch):
         torch.testing.assert_close(mean, getattr(full, term), rtol=1e-5, atol=1e-6, msg=term)
 
 
-def test_keyed_training_loss_compiles_to_one_graph_for_every_step():
-    """The trainer compiles ``model(x, y, key=...)`` (CUDA default). Timesteps, head-dropout masks
-    and noise are drawn by ops that read the batch's first global example index from a device
-    tensor (``BatchKey.first``), so the keyed loss traces with ``fullgraph=True`` (no graph break)
-    and one graph serves every step (no recompilation as the step changes); values equal eager."""
+@pytest.mark.parametrize("augmented", [False, True], ids=["x0", "x_cls"])
+def test_keyed_training_loss_compiles_to_one_graph_for_every_step(augmented):
+    """The trainer compiles ``model(x, y, key=..., x_cls=...)`` (CUDA default; x_cls: the loader's
+    augmented copy, or none with --no-augment). Timesteps, head-dropout masks and noise are drawn by
+    ops that read the batch's first global example index from a device tensor (``BatchKey.first``),
+    so the keyed loss traces with ``fullgraph=True`` (no graph break) and one graph serves every step
+    (no recompilation as the step changes); values equal eager."""
     from torch._dynamo.utils import counters
 
     model = _model().train()
     x = torch.rand(8, 1, 28, 28) * 2 - 1
     y = torch.tensor([3, -1, 4, 1, 5, 9, 2, 6])
+    extra = {"x_cls": x.flip(-1)} if augmented else {}
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     try:
         for step in range(4):
             key = BatchKey(7, step, 0, 8, 7, first=torch.tensor(step * 8))
-            got, want = compiled(x, y, key=key), model(x, y, key=key)
+            got, want = compiled(x, y, key=key, **extra), model(x, y, key=key, **extra)
             for term in ("total", "diffusion", "classifier"):
                 torch.testing.assert_close(getattr(got, term), getattr(want, term), rtol=1e-6, atol=1e-7, msg=term)
         graphs = counters["stats"]["unique_graphs"]
@@ -117,30 +121,60 @@ def test_sync_batchnorm_is_batchnorm_outside_a_process_group():
         x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps))
 
 
-def test_two_process_run_matches_one_process_run(tmp_path):
+@pytest.fixture(scope="module", params=["--no-augment", "--augment"])
+def one_and_two_process_runs(request, tmp_path_factory):
+    """The same 6 steps run by 1 process (batch 16) and by torchrun with 2 gloo processes (2 x 8),
+    UNet dropout off, augmentation off or on, checkpoints at steps 3 and 6."""
+    tmp = tmp_path_factory.mktemp(request.param.lstrip("-"))
+    args = [request.param, "--dropout", "0", "--steps", "6", "--save-every", "3", "--labelled-fraction", "0.3"]
+    one = run(train_cmd(*args, "--out", str(tmp / "one")))
+    two = run(train_cmd(*args, "--out", str(tmp / "two"), nproc=2))
+    return request.param, args, tmp, one, two
+
+
+def _assert_same_weights(a: dict, b: dict, what: str) -> None:
+    for part in ("model", "ema"):
+        total, worst = global_rel_diff(a[part], b[part]), max_rel_diff(a[part], b[part])
+        print(f"{what} {part}: ||diff||/||w|| = {total:.2e}, worst tensor max-relative {worst:.2e}")
+        assert total <= 1e-4 and worst <= 1e-2, (part, total, worst)
+
+
+def test_two_process_run_matches_one_process_run(one_and_two_process_runs):
     """torchrun with 2 gloo processes (global batch 16 = 2 x 8) against 1 process (batch 16), with
-    augmentation and UNet dropout off (head dropout stays on: its masks are counter-based), and 30%
-    of the labels, so the processes hold different numbers of labelled examples.
+    UNet dropout off (head dropout stays on: its masks are counter-based), augmentation off and on
+    (on: the loader's per-example keyed draws, the same whichever process holds an example), and
+    30% of the labels, so the processes hold different numbers of labelled examples.
 
     Bound: ||w2 - w1|| / ||w1|| <= 1e-4 over the whole model (measured ~1e-6). Per tensor, the
     zero-initialised output convolutions, whose values are only a few Adam steps (lr * g / |g|),
     sit at the float noise floor of ~5e-4 max-relative: the same as one process run with 1 vs 2
     threads. Without SyncBatchNorm, or with a mean of per-process classifier means, both measures
-    are ~1e-2 and ~1 respectively."""
-    args = ["--no-augment", "--dropout", "0", "--steps", "6", "--save-every", "3", "--labelled-fraction", "0.3"]
-    one = run(train_cmd(*args, "--out", str(tmp_path / "one")))
-    two = run(train_cmd(*args, "--out", str(tmp_path / "two"), nproc=2))
+    are ~1e-2 and ~1 respectively; so are they (1.4e-2, 1.9) between two augmented 1-process runs
+    whose augmentation draws differ (another key), what per-process draws would give."""
+    augment, _, tmp, one, two = one_and_two_process_runs
     assert "data parallel: 2 processes (gloo), global batch 16 = 2 x 8" in two.stdout
     assert two.stdout.count("final (step 6)") == 1 and one.stdout.count("final (step 6)") == 1  # rank 0 alone logs
-    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    a, b = final_state(tmp / "one"), final_state(tmp / "two")
+    assert a["config"]["augment"] == b["config"]["augment"] == (augment == "--augment")
     assert a["step"] == b["step"] == 6 and b["world_size"] == 2 and len(b["rng"]) == 2
-    for part in ("model", "ema"):
-        total, worst = global_rel_diff(a[part], b[part]), max_rel_diff(a[part], b[part])
-        print(f"2-process vs 1-process {part}: ||diff||/||w|| = {total:.2e}, worst tensor max-relative {worst:.2e}")
-        assert total <= 1e-4 and worst <= 1e-2, (part, total, worst)
-    metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    _assert_same_weights(a, b, f"2-process vs 1-process ({augment})")
+    metrics = [json.loads(line) for line in (tmp / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in metrics if e["kind"] == "train"] == [2, 4, 6]
-    ref = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp / "one" / "metrics.jsonl").read_text().splitlines()]
     for m, r in zip(metrics, ref):  # logged losses are global means too
         if m["kind"] == "train":
             assert m["loss"] == pytest.approx(r["loss"], rel=1e-4) and m["train_acc"] == r["train_acc"]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(one_and_two_process_runs, tmp_path):
+    """The 2-process run's step-3 checkpoint, resumed by 1 process to step 6, ends where the
+    uninterrupted 1-process run does (UNet dropout off): data, augmentation, timesteps, noise and
+    head dropout are keyed by the example, not by the process that drew them."""
+    augment, args, tmp, _, _ = one_and_two_process_runs
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(tmp / "two" / "checkpoint.prev.pt", out / "checkpoint.pt")
+    assert final_state(out)["step"] == 3 and final_state(out)["world_size"] == 2
+    resumed = run(train_cmd(*args, "--out", str(out), "--resume"))
+    assert "written by 2 process(es), this run has 1" in resumed.stdout and "resumed from" in resumed.stdout
+    _assert_same_weights(final_state(tmp / "one"), final_state(out), f"2 processes to step 3, then 1 ({augment})")

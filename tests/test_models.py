@@ -141,6 +141,43 @@ def test_one_encoder_call_equals_two(preset):
         assert_same_losses_and_grads(one, one(x0, y, key=key), two, two(x0, y, key=key))
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_classifier_reads_x_cls_and_the_diffusion_term_the_clean_x0(fuse):
+    """forward(x0, y, ..., x_cls=augmented copy): the classifier term is that of x_cls at t = 0, the
+    diffusion term that of x0 (unchanged by x_cls); the model draws no augmentation of its own."""
+    torch.manual_seed(0)
+    model = tiny_joint(classifier_weight=0.5, fuse_encoder_passes=fuse).eval()
+    for p in model.unet.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    x_cls = x0.flip(-1).roll(1, dims=-2)
+    y = torch.tensor([0, 2, 1, 2])
+    t, noise = torch.tensor([3, 10, 50, 99]), torch.randn(4, 1, 8, 8)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        plain = model(x0, y, t=t, noise=noise)
+        aug = model(x0, y, t=t, noise=noise, x_cls=x_cls)
+        assert torch.equal(torch.get_rng_state(), state)
+        expected = F.cross_entropy(model.classify(x_cls), y)
+        keyed = model.train()(x0, y, key=BatchKey(1, 2, 0, 4, 4), x_cls=x_cls)  # (head BN on batch statistics)
+        keyed_plain = model(x0, y, key=BatchKey(1, 2, 0, 4, 4))
+    torch.testing.assert_close(aug.diffusion, plain.diffusion, rtol=1e-6, atol=0)
+    torch.testing.assert_close(aug.classifier, expected)
+    assert not torch.allclose(aug.classifier, plain.classifier)
+    torch.testing.assert_close(keyed.diffusion, keyed_plain.diffusion, rtol=1e-6, atol=0)
+    assert not torch.allclose(keyed.classifier, keyed_plain.classifier)
+    assert not hasattr(model, "augment")
+
+
+def test_x_cls_is_checked():
+    model = tiny_joint()
+    x0, y = torch.rand(2, 1, 8, 8) * 2 - 1, torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="x_cls must have x0's shape"):
+        model(x0, y, x_cls=x0[:1])
+    with pytest.raises(ValueError, match="classifier_input is 'xt'"):
+        tiny_joint(classifier_input="xt")(x0, y, x_cls=x0)
+
+
 def test_classifier_on_noisy_input_uses_the_diffusion_pass():
     torch.manual_seed(0)
     model = tiny_joint(classifier_input="xt").eval()

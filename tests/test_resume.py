@@ -1,6 +1,8 @@
 """Exact resume: a run killed with SIGKILL and restarted with --resume ends with the weights of an
-uninterrupted run (augmentation and dropout on); a damaged latest checkpoint falls back to the
-previous one."""
+uninterrupted run (augmentation and dropout on); with UNet dropout off, an augmented run resumes
+exactly without the saved RNG states (augmentation is keyed per example, not drawn from them); a
+damaged latest checkpoint falls back to the previous one."""
+import dataclasses
 import os
 import random
 import signal
@@ -10,12 +12,12 @@ import time
 import pytest
 import torch
 
-from jdm_fast.checkpoint import (CheckpointError, PREVIOUS_NAME, load_checkpoint, load_latest,
+from jdm_fast.checkpoint import (CheckpointError, PREVIOUS_NAME, load_checkpoint, load_latest, rng_state,
                                           save_checkpoint)
 from jdm_fast.training.loop import train
 
 from _runs import env, final_state, max_rel_diff, run, train_cmd
-from test_train import tiny_config
+from test_train import TINY_MODEL, tiny_config
 
 STEPS = 14
 ARGS = ["--steps", str(STEPS), "--save-every", "1", "--labelled-fraction", "0.5"]  # augment + dropout: preset on
@@ -60,6 +62,30 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(tmp
     _assert_same_run(final_state(ref), final_state(out))
     steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]
     assert len(steps) == STEPS // 2  # what the killed run logged past its checkpoint was dropped
+
+
+def test_augmented_resume_is_exact_without_the_saved_rng_states(tmp_path):
+    """Augmentation on, UNet dropout off: an interrupted run whose checkpoint holds someone else's
+    RNG states (seed 12345) still resumes to the uninterrupted run's weights, because nothing it
+    draws comes from the global RNG (the loader's augmentation is keyed by (seed, epoch, position);
+    timesteps, noise and head dropout by (seed, step, example)). Until issue 17 the model drew the
+    augmentation from the global RNG, and this resume would have diverged."""
+    no_unet_dropout = dataclasses.replace(TINY_MODEL, unet=dataclasses.replace(TINY_MODEL.unet, dropout=0.0))
+    kw = dict(model=no_unet_dropout, augment=True, eval_every=100)
+    full = tmp_path / "full"
+    train(tiny_config(full, steps=6, save_every=6, **kw), log=lambda *_: None)
+    part = tmp_path / "part"
+    train(tiny_config(part, steps=3, save_every=3, **kw), log=lambda *_: None)
+    state = load_checkpoint(part / "checkpoint.pt")
+    with torch.random.fork_rng():
+        torch.manual_seed(12345)
+        state["rng"] = [rng_state(torch.device("cpu"))]
+    save_checkpoint(part / "checkpoint.pt", state)
+    train(tiny_config(part, steps=6, save_every=6, resume=True, **kw), log=lambda *_: None)
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
+    assert b["step"] == 6
+    for part_name in ("model", "ema"):
+        assert max_rel_diff(a[part_name], b[part_name]) <= 1e-6
 
 
 def _flip_middle_byte(path):

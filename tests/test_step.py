@@ -73,6 +73,30 @@ def test_train_step_is_the_optimisation_step_written_out():
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * 3 / 4)
 
 
+def test_step_feeds_x_cls_to_the_classifier_and_unet_dropout_is_the_only_global_rng_draw():
+    """``trainer(x, y, step, x_cls=x_aug)`` is the keyed loss with the loader's augmented copy as the
+    classifier input; with UNet dropout off the step draws nothing from the global RNG (augmentation
+    is the loader's keyed draws, timesteps/noise/head dropout are keyed), with it on it does: UNet
+    dropout is the one draw left on the per-process RNG (training/loop.py's determinism contract)."""
+    cfg, model, x, y = _setup("tiny")  # UNet dropout 0, head dropout 0.3 (keyed masks)
+    x_aug = x.flip(-1).roll(2, dims=-2)
+    ref = copy.deepcopy(model)
+    key = BatchKey(cfg.seed, 0, 0, cfg.batch_size, int((y >= 0).sum()))
+    with torch.no_grad():
+        want, plain = ref(x, y, key=key, x_cls=x_aug).total, ref(x, y, key=key).total
+    trainer = TrainStep.from_config(cfg, model, FP32, compile=False)
+    state = torch.get_rng_state()
+    out = trainer(x, y, 0, x_cls=x_aug)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(out.losses.total, want, rtol=1e-6, atol=0)
+    assert not torch.allclose(want, plain)
+    for m in ref.unet.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    TrainStep.from_config(cfg, ref, FP32, compile=False)(x, y, 0, x_cls=x_aug)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_non_finite_step_is_flagged_and_skipped():
     cfg, model, x, y = _setup("tiny")
     trainer = TrainStep.from_config(cfg, model, FP32, compile=False)

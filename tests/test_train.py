@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from jdm_fast import train as cli
+from jdm_fast.data import infinite_batches
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig, JointDiffusion
 from jdm_fast.training import precision as prec
@@ -71,6 +72,30 @@ def test_resume_continues_the_run_exactly(tmp_path):
         torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_the_classifier_trains_on_the_loaders_augmented_copy(tmp_path, monkeypatch, augment):
+    """Each step's loss gets the loader's clean batch as x0 (the diffusion term) and its keyed
+    augmented copy as x_cls (the classifier input); --no-augment passes no copy."""
+    seen = []
+    original = JointDiffusion.forward
+
+    def spy(self, x0, y, t=None, noise=None, key=None, x_cls=None):
+        if key is not None:
+            seen.append((key.step, x0.clone(), None if x_cls is None else x_cls.clone()))
+        return original(self, x0, y, t, noise, key, x_cls)
+
+    monkeypatch.setattr(JointDiffusion, "forward", spy)
+    train(tiny_config(tmp_path / "run", steps=3, eval_every=10, augment=augment), log=lambda *_: None)
+    assert [step for step, _, _ in seen] == [0, 1, 2]
+    loader = infinite_batches("digits", 16, seed=3, augment=augment, keep_clean=True)
+    for (_, x0, x_cls), (x, _, x_aug) in zip(seen, loader):
+        assert torch.equal(x0, x)
+        if augment:
+            assert torch.equal(x_cls, x_aug) and not torch.equal(x_cls, x0)
+        else:
+            assert x_cls is None and x_aug is None
+
+
 def test_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     train(tiny_config(out, steps=2, eval_every=10), log=lambda *_: None)
@@ -91,8 +116,8 @@ def _poison(monkeypatch, bad_steps):
     """Make the loss NaN at the given (0-based) steps of the trainer."""
     original = JointDiffusion.forward
 
-    def poisoned(self, x0, y, t=None, noise=None, key=None):
-        losses = original(self, x0, y, t, noise, key)
+    def poisoned(self, x0, y, t=None, noise=None, key=None, **kwargs):
+        losses = original(self, x0, y, t, noise, key, **kwargs)
         if key is None or key.step not in bad_steps:
             return losses
         bad = losses.diffusion * float("nan")

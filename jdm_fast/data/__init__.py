@@ -1,8 +1,10 @@
 """Datasets, augmentations and batch loaders of jdm_fast.
 
 ``load_dataset`` reads a split into host memory as an :class:`ImageDataset`; ``build_loader``
-turns it into device batches ``(x float32 NCHW in [-1, 1], y int64)``; ``infinite_batches``
-walks epochs for a trainer and resumes exactly at any global step.
+turns it into device batches ``(x float32 NCHW in [-1, 1], y int64)`` (with ``keep_clean=True``,
+``CleanAndAugmented(x, y, x_aug)``), augmented per example with keyed draws
+(``keyed_augment_params``); ``infinite_batches`` walks epochs for a trainer and resumes exactly at
+any global step.
 """
 from .augment import (
     PADDING_MODES,
@@ -11,6 +13,7 @@ from .augment import (
     apply_augment,
     color_jitter,
     default_augment,
+    keyed_augment_params,
     random_flip,
     random_translate,
     sample_augment_params,
@@ -26,10 +29,11 @@ from .datasets import (
     load_dataset,
     stratified_split,
 )
-from .seeds import augment_generator, derive_seed
+from .seeds import augment_seed, derive_seed
 from .loaders import (
     BACKENDS,
     BatchLoader,
+    CleanAndAugmented,
     build_loader,
     choose_backend,
     epoch_permutation,
@@ -45,12 +49,13 @@ __all__ = [
     "AugmentConfig",
     "AugmentParams",
     "BatchLoader",
+    "CleanAndAugmented",
     "DatasetError",
     "DatasetInfo",
     "DatasetNotFoundError",
     "ImageDataset",
     "apply_augment",
-    "augment_generator",
+    "augment_seed",
     "build_loader",
     "choose_backend",
     "color_jitter",
@@ -59,6 +64,7 @@ __all__ = [
     "derive_seed",
     "epoch_permutation",
     "infinite_batches",
+    "keyed_augment_params",
     "load_dataset",
     "random_flip",
     "random_translate",

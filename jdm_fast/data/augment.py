@@ -1,8 +1,16 @@
 """Batched, device-agnostic augmentations of float NCHW images in [-1, 1].
 
-Every function draws its randomness from an explicit ``torch.Generator`` living on the same
-device as the batch (``None`` uses the global RNG of that device), and works on the whole batch
-at once: no Python loop over samples, no host-device synchronisation.
+Two ways to draw the random parameters, both for the whole batch at once (no Python loop over
+samples, no host-device synchronisation):
+
+* from an explicit ``torch.Generator`` living on the same device as the batch (``None`` uses the
+  global RNG of that device): ``random_flip``, ``random_translate``, ``color_jitter``,
+  ``apply_augment(x, cfg, generator)``, ``sample_augment_params``;
+* keyed per example (what the loaders, and so training, use): :func:`keyed_augment_params` draws
+  the parameters of the examples at positions ``p .. p + n - 1`` of an epoch's global order from
+  the Philox counter op ``counter_uniform`` (``jdm_fast.ops.philox`` documents the stream), so an
+  example's augmentation does not depend on the batch, shard, process count or device it is drawn
+  in; ``apply_augment(x, cfg, params=...)`` applies them.
 """
 from __future__ import annotations
 
@@ -11,7 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from jdm_fast.ops import noise as noise_ops
+
 from .datasets import DATASET_INFO
+from .seeds import AUG_TAG
 
 __all__ = [
     "AugmentConfig",
@@ -20,6 +31,7 @@ __all__ = [
     "apply_augment",
     "color_jitter",
     "default_augment",
+    "keyed_augment_params",
     "random_flip",
     "random_translate",
     "sample_augment_params",
@@ -175,13 +187,27 @@ class AugmentConfig:
 
 
 def apply_augment(
-    x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    cfg: AugmentConfig,
+    generator: torch.Generator | None = None,
+    *,
+    params: AugmentParams | None = None,
 ) -> torch.Tensor:
-    """Apply the augmentations ``cfg`` enables, all drawing from ``generator`` in a fixed order."""
+    """Apply the augmentations ``cfg`` enables (flip -> translate -> colour jitter).
+
+    The parameters are ``params`` when given (e.g. :func:`keyed_augment_params`; they must hold
+    every augmentation ``cfg`` enables, one row per sample, on ``x``'s device), else drawn from
+    ``generator`` in a fixed order (:func:`sample_augment_params`).
+    """
     _check_batch(x, generator)
     if cfg.pad > 0:
         check_reflect_pad(cfg.pad, cfg.padding_mode, *x.shape[2:])
-    params = sample_augment_params(cfg, x.shape[0], generator, x.device, x.dtype)
+    if params is None:
+        params = sample_augment_params(cfg, x.shape[0], generator, x.device, x.dtype)
+    else:
+        if generator is not None:
+            raise ValueError("apply_augment: pass either generator or params, not both")
+        _check_params(params, cfg, x)
     if params.flip is not None:
         x = _flip_with(x, params.flip)
     if params.offsets is not None:
@@ -206,6 +232,62 @@ class AugmentParams:
     offsets: torch.Tensor | None
     shift: torch.Tensor | None
     scale: torch.Tensor | None
+
+
+def _check_params(params: AugmentParams, cfg: AugmentConfig, x: torch.Tensor) -> None:
+    wanted = {"flip": cfg.flip, "offsets": cfg.pad > 0, "shift": cfg.brightness > 0 or cfg.contrast > 0,
+              "scale": cfg.brightness > 0 or cfg.contrast > 0}
+    for name, needed in wanted.items():
+        value = getattr(params, name)
+        if not needed:
+            continue
+        if value is None:
+            raise ValueError(f"apply_augment: params.{name} is None but the AugmentConfig enables it")
+        if value.shape[0] != x.shape[0] or value.device != x.device:
+            raise ValueError(f"apply_augment: params.{name} has {value.shape[0]} rows on {value.device}, "
+                             f"x has {x.shape[0]} samples on {x.device}")
+
+
+# Columns of the keyed draws of one example (fixed, whatever the config enables, so turning one
+# augmentation on or off leaves the others' draws unchanged).
+_KEYED_COLUMNS = ("flip", "dy", "dx", "brightness", "contrast")
+KEYED_WIDTH = len(_KEYED_COLUMNS)
+
+
+def keyed_augment_params(
+    cfg: AugmentConfig,
+    first_example: torch.Tensor,
+    n: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> AugmentParams:
+    """The augmentation parameters of examples ``first_example .. first_example + n - 1``.
+
+    ``first_example`` is an int64 one-element tensor on the device the parameters are wanted on
+    (read there: no host sync); ``seed`` is the epoch's key (``seeds.augment_seed(seed, epoch)``,
+    in [0, 2^63)). Row ``i`` takes the uniforms ``u = counter_uniform(first_example, seed, AUG_TAG,
+    n, 5)[i]`` (float32 in [0, 1), multiples of 2^-24; ``jdm_fast.ops.philox.counter_uniform`` is the
+    NumPy reference) and turns them into::
+
+        flip     = u[0] < 0.5
+        dy, dx   = (int(u[1] * 2^24) * (2*pad + 1)) >> 24,  likewise u[2]    (exact integers, [0, 2*pad])
+        shift    = 2 * brightness * (2*u[3] - 1)                              (``dtype``)
+        scale    = 1 + contrast * (2*u[4] - 1)
+
+    The draws are bit-identical on every device (counter-based Philox), so every loader backend
+    and any number of processes augment an example the same way.
+    """
+    u = noise_ops.counter_uniform(first_example, seed, AUG_TAG, n, KEYED_WIDTH)
+    flip = offsets = shift = scale = None
+    if cfg.flip:
+        flip = u[:, 0] < 0.5
+    if cfg.pad > 0:
+        k = (u[:, 1:3] * 2.0**24).to(torch.int64)  # the 24-bit integers behind the uniforms, exactly
+        offsets = (k * (2 * cfg.pad + 1)) >> 24
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        v = (u[:, 3:5] * 2 - 1).to(dtype)  # exact in float32: uniform in [-1, 1)
+        shift, scale = 2 * cfg.brightness * v[:, 0], 1 + cfg.contrast * v[:, 1]
+    return AugmentParams(flip, offsets, shift, scale)
 
 
 def sample_augment_params(

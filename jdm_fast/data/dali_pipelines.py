@@ -4,14 +4,17 @@ One pipeline runs one epoch of one shard. It never chooses samples or random num
 Python source (``fn.external_source``) feeds it, batch by batch, what the shared loader contract
 decides, so DALI yields the same samples per batch as the ``"tensor"`` and ``"torch"`` backends:
 
-* the indices of batch ``b`` come from ``epoch_permutation`` and ``shard_ranges`` (loaders.py);
-* its flips, crop offsets and colour jitter are drawn by ``sample_augment_params`` on a CPU
-  generator seeded by ``derive_seed(seed, epoch, b, shard_index)``, and reach DALI as per-sample
-  argument inputs of ``fn.flip`` / ``fn.slice`` and of the jitter arithmetic. Hence every batch is
-  a pure function of ``(seed, epoch, b, shard)``: reproducible, and ``skip_batches=k`` gives
-  exactly batches ``k, k+1, ...`` of the uninterrupted epoch. These are the very draws the
-  ``"tensor"`` backend makes on a CPU device (on CUDA it draws on the device instead, so there the
-  two backends agree on the samples but not on the augmentation).
+* the indices of a batch come from ``epoch_permutation`` and ``shard_ranges`` (loaders.py);
+* its flips, crop offsets and colour jitter are the keyed draws of its examples' positions in the
+  epoch order, ``keyed_augment_params`` with the key ``augment_seed(seed, epoch)`` (augment.py),
+  computed on the CPU, and reach DALI as per-sample argument inputs of ``fn.flip`` / ``fn.slice``
+  and of the jitter arithmetic. Hence every batch is a pure function of ``(seed, epoch,
+  positions)``: reproducible, and ``skip_batches=k`` gives exactly batches ``k, k+1, ...`` of the
+  uninterrupted epoch. The counter-based draws are bit-identical on the CPU and on CUDA, so these
+  are the very parameters the ``"tensor"`` and ``"torch"`` backends draw on any device.
+
+With augmentation on, the pipeline can output the clean image next to the augmented one
+(``keep_clean``): both branches start from the same decoded uint8 image.
 
 Arrays go in as uint8 HWC batches gathered on the host (moved to the GPU inside the pipeline when
 the loader's device is CUDA). Image folders go in as file paths: ``fn.io.file.read`` reads them
@@ -19,7 +22,8 @@ and ``fn.decoders.image`` decodes them (``device="mixed"``, i.e. nvJPEG/nvImageC
 on CUDA; ``"cpu"`` otherwise), then ``fn.resize`` + ``fn.crop`` bring them to the dataset's size.
 Without a CUDA device the pipeline runs in DALI's CPU-only mode (``device_id=None``).
 
-Output: float32 NHWC in [-1, 1] (``uint8 / 127.5 - 1``, as the other backends) and int64 labels.
+Output: float32 NHWC in [-1, 1] (``uint8 / 127.5 - 1``, as the other backends), clean and/or
+augmented, and int64 labels.
 """
 from __future__ import annotations
 
@@ -33,9 +37,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, sample_augment_params
+from .augment import AugmentConfig, keyed_augment_params
 from .datasets import DatasetError, ImageDataset, _read_image
-from .seeds import augment_generator
+from .seeds import augment_seed
 
 __all__ = ["DALI_PACKAGE", "DaliEpochs", "dali_unavailable_reason"]
 
@@ -57,23 +61,29 @@ def dali_unavailable_reason() -> str | None:
 
 
 class DaliEpochs:
-    """Builds and runs the DALI pipeline of one epoch of one shard at a time."""
+    """Builds and runs the DALI pipeline of one epoch of one shard at a time.
+
+    ``augment_config`` None: the pipeline outputs the clean images; else the augmented ones, and
+    with ``keep_clean`` the clean ones too.
+    """
 
     def __init__(
         self,
         dataset: ImageDataset,
+        *,
         batch_size: int,
-        shard_index: int,
         seed: int,
         augment_config: AugmentConfig | None,
         device: torch.device,
+        keep_clean: bool = False,
         num_threads: int | None = None,
     ) -> None:
         reason = dali_unavailable_reason()
         if reason is not None:
             raise ImportError(f"the 'dali' loader backend needs NVIDIA DALI: {reason}")
-        self.dataset, self.batch_size, self.shard_index = dataset, batch_size, shard_index
+        self.dataset, self.batch_size = dataset, batch_size
         self.seed, self.cfg, self.device = seed, augment_config, device
+        self.outputs_clean = augment_config is None or keep_clean
         self.num_threads = num_threads or max(1, min(4, os.cpu_count() or 1))
         _, self.height, self.width, self.channels = dataset.images.shape
         # Paths as uint8 arrays: the form fn.io.file.read takes (one encoded string per sample).
@@ -90,14 +100,16 @@ class DaliEpochs:
     # -----------------------------------------------------------------------------------------
     # the per-batch inputs
 
-    def _batch_inputs(self, epoch: int, batch_index: int, idx: np.ndarray) -> tuple:
+    def _batch_inputs(self, epoch: int, first: int, idx: np.ndarray) -> tuple:
+        """The external-source inputs of the batch of samples ``idx``, which sit at positions
+        ``first .. first + len(idx) - 1`` of the epoch's order."""
         data = [self._paths[i] for i in idx] if self._paths is not None \
             else self.dataset.images[idx]
         inputs = [data, self.dataset.labels[idx]]
         cfg = self.cfg
         if cfg is not None:
-            g = augment_generator(self.seed, epoch, batch_index, self.shard_index)
-            p = sample_augment_params(cfg, len(idx), g)
+            first_example = torch.tensor(first, dtype=torch.int64)
+            p = keyed_augment_params(cfg, first_example, len(idx), augment_seed(self.seed, epoch))
             if p.flip is not None:
                 inputs.append(p.flip.numpy().astype(np.int32))
             if p.offsets is not None:
@@ -139,16 +151,21 @@ class DaliEpochs:
                 images = fn.crop(images, crop=(self.height, self.width))  # centred
             else:
                 images = data.gpu() if cuda else data
-            if cfg is not None and cfg.flip:
-                images = fn.flip(images, horizontal=params.pop(0), vertical=0)
-            if cfg is not None and cfg.pad > 0:
-                images = self._translate(fn, types, images, params.pop(0))
-            x = fn.cast(images, dtype=types.FLOAT) / 127.5 - 1.0
-            if params:  # colour jitter: (x - mean) * scale + mean + shift, clamped
-                shift, scale = params
-                mean = fn.reductions.mean(x)
-                x = dmath.clamp((x - mean) * scale + mean + shift, -1.0, 1.0)
-            pipe.set_outputs(x, labels)
+            outputs = [labels]
+            if self.outputs_clean:
+                outputs.append(fn.cast(images, dtype=types.FLOAT) / 127.5 - 1.0)
+            if cfg is not None:
+                if cfg.flip:
+                    images = fn.flip(images, horizontal=params.pop(0), vertical=0)
+                if cfg.pad > 0:
+                    images = self._translate(fn, types, images, params.pop(0))
+                x = fn.cast(images, dtype=types.FLOAT) / 127.5 - 1.0
+                if params:  # colour jitter: (x - mean) * scale + mean + shift, clamped
+                    shift, scale = params
+                    mean = fn.reductions.mean(x)
+                    x = dmath.clamp((x - mean) * scale + mean + shift, -1.0, 1.0)
+                outputs.append(x)
+            pipe.set_outputs(*outputs)
         pipe.build()
         return pipe
 
@@ -185,31 +202,37 @@ class DaliEpochs:
 
     def iterate(
         self, epoch: int, plan: Sequence[tuple[int, np.ndarray]]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Run the batches ``plan`` = [(batch index, sample indices), ...] of ``epoch``.
+    ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+        """Run the batches ``plan`` = [(position of the first sample in the epoch's order, sample
+        indices), ...] of ``epoch``.
 
-        Yields ``(x float32 NHWC, y int64)`` on the loader's device.
+        Yields ``(x, y, x_aug)``: float32 NHWC clean images (None when the pipeline does not
+        output them), int64 labels, float32 NHWC augmented images (None without augmentation),
+        on the loader's device.
         """
         if not plan:
             return
         in_flight: collections.deque = collections.deque()  # indices fed but not yet returned
 
         def source():
-            for batch_index, idx in plan:
+            for first, idx in plan:
                 in_flight.append(idx)
-                yield self._batch_inputs(epoch, batch_index, idx)
+                yield self._batch_inputs(epoch, first, idx)
 
         pipe = self._build(source)
         try:
             while True:
                 try:
-                    x, y = pipe.run()
+                    y, *images = pipe.run()
                 except StopIteration:
                     return
                 except RuntimeError as e:
                     raise self._pipeline_error(e, in_flight) from e
                 in_flight.popleft()
-                yield self._to_torch(x), torch.from_numpy(np.array(y.as_tensor()))
+                images = [self._to_torch(t) for t in images]
+                x = images.pop(0) if self.outputs_clean else None
+                x_aug = images.pop(0) if self.cfg is not None else None
+                yield x, torch.from_numpy(np.array(y.as_tensor())), x_aug
         finally:
             del pipe  # an abandoned epoch drops its pipeline (and what it prefetched)
 

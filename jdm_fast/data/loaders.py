@@ -3,43 +3,51 @@
 All backends share one definition of an epoch, so they yield the same samples in each batch:
 
 * The epoch order is ``torch.randperm`` on a CPU ``torch.Generator`` seeded by
-  ``derive_seed(seed, epoch)``: never the global RNG, the same on every device and backend.
+  ``derive_seed(seed, epoch, PERM_TAG)``: never the global RNG, the same on every device and backend.
 * Sharding is interleaved: global batch ``b`` is ``order[b*B*n : (b+1)*B*n]`` and shard ``i``
   takes its ``i``-th slice of ``B`` samples, so the ``n`` shards of one step together hold what a
   single process with batch ``B*n`` would see. With ``drop_last=False`` the leftover samples
   (fewer than ``B*n``) are split as evenly as possible into one last, smaller batch per shard.
-* Batch ``b`` is augmented on the device with a generator seeded by
-  ``derive_seed(seed, epoch, b, shard_index)``, so resuming at batch ``k`` (``skip_batches=k``)
-  reproduces an uninterrupted epoch exactly, augmentation included.
-* ``"tensor"`` and ``"torch"`` yield identical batches, augmentation included. ``"dali"`` draws
-  its augmentation parameters from the same seeds on a CPU generator (see dali_pipelines.py):
-  identical to ``"tensor"`` on a CPU device, reproducible and skip-exact everywhere, but on CUDA
-  the ``"tensor"`` backend draws on the device, so the two augment differently there.
+* Augmentation is keyed per example: the example at position ``p`` of epoch ``e``'s order is
+  augmented with the parameters ``keyed_augment_params`` draws for row ``p`` from the Philox
+  counter op with the key ``augment_seed(seed, e)`` (augment.py), on the batch's device. So an
+  example's augmentation depends only on ``(seed, epoch, position)``: not on the batch size, the
+  shard or the number of processes, and resuming at batch ``k`` (``skip_batches=k``) reproduces an
+  uninterrupted epoch exactly. (Until issue 17 the draws came from a ``torch.Generator`` seeded
+  per (seed, epoch, batch, shard): a documented change of the augmentation stream.)
+* ``"tensor"``, ``"torch"`` and ``"dali"`` draw the same parameters (counter-based: the same bits
+  on the CPU and on CUDA); ``"tensor"`` and ``"torch"`` yield identical batches, ``"dali"`` equal
+  ones up to float rounding in the colour jitter.
 
 Backend ``"auto"`` (see :func:`choose_backend`): ``"tensor"`` whenever the uint8 set fits the
 device (always on CPU, where it is zero-copy; on CUDA when it takes at most a quarter of the free
 device memory), else ``"dali"``, else, where DALI is missing, ``"torch"`` with one warning.
 
-Batches are ``(x, y)``: float32 NCHW in [-1, 1] (``uint8 / 127.5 - 1``, exact at 0 and 255) and
-int64 labels, both on ``device``.
+Batches are ``(x, y)``: float32 NCHW in [-1, 1] (``uint8 / 127.5 - 1``, exact at 0 and 255),
+augmented when augmentation is on, and int64 labels, both on ``device``. With
+``keep_clean=True`` they are :class:`CleanAndAugmented` ``(x, y, x_aug)``: the clean batch, the
+labels, and its augmented copy (``None`` when augmentation is off): what the trainer needs, whose
+diffusion term trains on the clean images and classifier on the augmented ones.
 """
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, apply_augment, check_reflect_pad, default_augment
+from .augment import AugmentConfig, apply_augment, check_reflect_pad, default_augment, keyed_augment_params
 from .datasets import ImageDataset, load_dataset
 from .images import from_uint8
-from .seeds import PERM_TAG, augment_generator, derive_seed
+from .seeds import PERM_TAG, augment_seed, derive_seed
 
 __all__ = [
     "BACKENDS",
     "BatchLoader",
+    "CleanAndAugmented",
     "build_loader",
     "choose_backend",
     "epoch_permutation",
@@ -50,6 +58,14 @@ __all__ = [
 BACKENDS = ("auto", "tensor", "torch", "dali")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class CleanAndAugmented(NamedTuple):
+    """A batch with its augmented copy (``build_loader(..., keep_clean=True)``)."""
+
+    x: torch.Tensor  # float32 (B, C, H, W) in [-1, 1]: the clean images
+    y: torch.Tensor  # int64 labels
+    x_aug: torch.Tensor | None  # x augmented (same layout), None when augmentation is off
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -132,11 +148,14 @@ class BatchLoader:
     ``iter(loader)`` yields epoch ``loader.epoch`` from batch ``loader.skip_batches``; change
     them with :meth:`set_epoch`, or iterate any epoch directly with :meth:`iter_epoch`.
     Consume one epoch iterator at a time (the ``"torch"`` backend reuses one DataLoader).
+    The arguments are :func:`build_loader`'s, validated there (``augment_config`` None: no
+    augmentation; ``shard`` is ``(index, count)``).
     """
 
     def __init__(
         self,
         dataset: ImageDataset,
+        *,
         batch_size: int,
         backend: str,
         shard: tuple[int, int],
@@ -144,21 +163,21 @@ class BatchLoader:
         augment_config: AugmentConfig | None,
         drop_last: bool,
         device: torch.device,
-        channels_last: bool,
-        num_workers: int,
+        channels_last: bool = False,
+        num_workers: int = 0,
+        keep_clean: bool = False,
     ) -> None:
         self.dataset, self.batch_size, self.backend = dataset, batch_size, backend
         self.shard_index, self.num_shards = shard
         self.seed, self.augment_config, self.drop_last = seed, augment_config, drop_last
-        self.device, self.channels_last = device, channels_last
+        self.device, self.channels_last, self.keep_clean = device, channels_last, keep_clean
         self.epoch, self.skip_batches = 0, 0
         self._num_batches = len(shard_ranges(len(dataset), batch_size, *shard, drop_last))
         if backend == "dali":
             from .dali_pipelines import DaliEpochs
 
-            self._dali = DaliEpochs(
-                dataset, batch_size, self.shard_index, seed, augment_config, device
-            )
+            self._dali = DaliEpochs(dataset, batch_size=batch_size, seed=seed, augment_config=augment_config,
+                                    device=device, keep_clean=keep_clean)
         elif backend == "tensor":
             # One upload of the whole uint8 set; every batch is then gathered on the device.
             self._images = _as_tensor(dataset.images).to(device)
@@ -183,10 +202,10 @@ class BatchLoader:
         self._check_position(epoch, skip_batches)
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | CleanAndAugmented]:
         return self.iter_epoch(self.epoch, self.skip_batches)
 
-    def iter_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch]:
+    def iter_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[Batch | CleanAndAugmented]:
         """Batches ``skip_batches, ..., len(self) - 1`` of ``epoch`` (validated immediately)."""
         self._check_position(epoch, skip_batches)
         return self._generate(epoch, skip_batches)
@@ -200,16 +219,16 @@ class BatchLoader:
                 f"got {skip_batches!r}"
             )
 
-    def _generate(self, epoch: int, skip: int) -> Iterator[Batch]:
+    def _generate(self, epoch: int, skip: int) -> Iterator[Batch | CleanAndAugmented]:
         order = epoch_permutation(len(self.dataset), self.seed, epoch)
         ranges = shard_ranges(
             len(self.dataset), self.batch_size, self.shard_index, self.num_shards, self.drop_last
         )[skip:]
         if self.backend == "dali":
             order_np = order.numpy()
-            plan = [(b, order_np[lo:hi]) for b, (lo, hi) in enumerate(ranges, start=skip)]
-            for x, y in self._dali.iterate(epoch, plan):  # x: float32 NHWC, augmented
-                yield self._layout(x.permute(0, 3, 1, 2)), y.to(self.device, non_blocking=True)
+            plan = [(lo, order_np[lo:hi]) for lo, hi in ranges]
+            for x, y, x_aug in self._dali.iterate(epoch, plan):  # float32 NHWC
+                yield self._output(x, y.to(self.device, non_blocking=True), x_aug, nhwc=True)
             return
         if self.backend == "tensor":
             order = order.to(self.device)  # one host-to-device copy per epoch
@@ -223,18 +242,30 @@ class BatchLoader:
                 (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 for x, y in self._loader
             )
-        for batch_index, (images, labels) in enumerate(raw, start=skip):
-            yield self._finish(images, epoch, batch_index), labels
+        for (images, labels), (lo, _) in zip(raw, ranges):  # raw first: the DataLoader runs to its end
+            x = from_uint8(images)  # uint8 NHWC on the device -> float32 NCHW in [-1, 1]
+            yield self._output(x, labels, self._augment(x, epoch, lo), nhwc=False)
 
-    def _finish(self, images: torch.Tensor, epoch: int, batch_index: int) -> torch.Tensor:
-        """uint8 NHWC on the device -> float32 NCHW in [-1, 1], augmented."""
-        x = from_uint8(images)
-        if self.augment_config is not None:
-            generator = augment_generator(self.seed, epoch, batch_index, self.shard_index, self.device)
-            x = apply_augment(x, self.augment_config, generator)
-        return self._layout(x)
+    def _augment(self, x: torch.Tensor, epoch: int, first: int) -> torch.Tensor | None:
+        """``x`` (positions ``first ..`` of the epoch's order) augmented with its keyed draws."""
+        cfg = self.augment_config
+        if cfg is None:
+            return None
+        # A fill kernel, not a host-to-device copy: the draws read the position on the device.
+        first_example = torch.full((), first, dtype=torch.int64, device=x.device)
+        params = keyed_augment_params(cfg, first_example, x.shape[0], augment_seed(self.seed, epoch), x.dtype)
+        return apply_augment(x, cfg, params=params)
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+    def _output(self, x: torch.Tensor | None, y: torch.Tensor, x_aug: torch.Tensor | None,
+                nhwc: bool) -> Batch | CleanAndAugmented:
+        x, x_aug = (self._layout(v, nhwc) if v is not None else None for v in (x, x_aug))
+        if self.keep_clean:
+            return CleanAndAugmented(x, y, x_aug)
+        return (x if x_aug is None else x_aug), y
+
+    def _layout(self, x: torch.Tensor, nhwc: bool) -> torch.Tensor:
+        if nhwc:
+            x = x.permute(0, 3, 1, 2)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 
@@ -302,6 +333,7 @@ def build_loader(
     augment_config: AugmentConfig | None = None,
     num_workers: int = 0,
     data_dir: str | Path | None = None,
+    keep_clean: bool = False,
 ) -> BatchLoader:
     """Build the batch loader of one shard.
 
@@ -315,7 +347,8 @@ def build_loader(
             :func:`choose_backend`).
         shard: ``(index, count)`` of this process; shards are disjoint and cover each epoch.
         seed: base seed of orders and augmentations.
-        augment: apply ``augment_config`` (default: ``default_augment(dataset.name)``).
+        augment: apply ``augment_config`` (default: ``default_augment(dataset.name)``), with the
+            per-example keyed draws of the module docstring.
         drop_last: only full batches (same count on every shard); else a last smaller batch.
         device: where batches (and, for ``"tensor"``, the dataset) live.
         epoch, skip_batches: what ``iter(loader)`` yields first (see ``set_epoch``).
@@ -323,6 +356,8 @@ def build_loader(
         augment_config: explicit augmentations; only valid with ``augment=True``.
         num_workers: worker processes of the ``"torch"`` backend.
         data_dir: passed to ``load_dataset`` when ``dataset`` is a name.
+        keep_clean: yield :class:`CleanAndAugmented` ``(x clean, y, x_aug)`` instead of ``(x, y)``
+            (``x_aug`` None when augmentation is off, or ``augment_config`` does nothing).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -360,8 +395,9 @@ def build_loader(
     if backend == "auto":
         backend = choose_backend(dataset, device)
     loader = BatchLoader(
-        dataset, batch_size, backend, (shard[0], shard[1]), seed, config, drop_last,
-        device, channels_last, num_workers,
+        dataset, batch_size=batch_size, backend=backend, shard=(shard[0], shard[1]), seed=seed,
+        augment_config=config, drop_last=drop_last, device=device, channels_last=channels_last,
+        num_workers=num_workers, keep_clean=bool(keep_clean),
     )
     loader.set_epoch(epoch, skip_batches)
     return loader
@@ -373,7 +409,7 @@ def infinite_batches(
     seed: int = 0,
     start_step: int = 0,
     **loader_kwargs: object,
-) -> Iterator[Batch]:
+) -> Iterator[Batch | CleanAndAugmented]:
     """Endless full batches, epoch after epoch, starting at global step ``start_step``.
 
     Step ``s`` is batch ``s % len(loader)`` of epoch ``s // len(loader)``, so a run resumed at
@@ -391,7 +427,7 @@ def infinite_batches(
     return _walk_epochs(loader, epoch, skip)
 
 
-def _walk_epochs(loader: BatchLoader, epoch: int, skip: int) -> Iterator[Batch]:
+def _walk_epochs(loader: BatchLoader, epoch: int, skip: int) -> Iterator[Batch | CleanAndAugmented]:
     while True:
         yield from loader.iter_epoch(epoch, skip)
         epoch, skip = epoch + 1, 0

@@ -1,13 +1,11 @@
-"""Seed derivation for the data layer: every random draw of loading and augmentation comes from a
-generator seeded by a hash of integers (seed, epoch, batch, shard, tag), never the global RNG, so
-the draws are the same on every device and backend and resuming at any batch is exact."""
+"""Seed derivation for the data layer: every random draw of loading and augmentation is a function
+of integers (seed, epoch, position, tag), never of the global RNG, so the draws are the same on
+every device, backend and number of processes, and resuming at any batch is exact."""
 from __future__ import annotations
-
-import torch
 
 _MASK64 = (1 << 64) - 1
 PERM_TAG = 0x5045524D  # "PERM": keeps the order seed apart from augmentation seeds
-AUG_TAG = 0x415547  # "AUG"
+AUG_TAG = 0x415547  # "AUG": the augmentation seed of an epoch, and the Philox counter tag of its draws
 
 
 def _splitmix64(z: int) -> int:
@@ -25,10 +23,7 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
-def augment_generator(seed: int, epoch: int, batch_index: int, shard_index: int,
-                      device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of a batch's augmentation draws: a function of (seed, epoch, batch, shard), so
-    every backend draws the same flips/offsets/jitter for the same batch and skipping is exact."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, epoch, batch_index, shard_index, AUG_TAG))
-    return generator
+def augment_seed(seed: int, epoch: int) -> int:
+    """The Philox key of epoch ``epoch``'s augmentation draws: ``derive_seed(seed, epoch, AUG_TAG)``,
+    in [0, 2^63), so it fits the counter ops' int64 seed as it is."""
+    return derive_seed(seed, epoch, AUG_TAG)

@@ -1,24 +1,25 @@
 """JointDiffusion: one UNet that denoises and classifies, and the joint loss that trains it.
 
-``L = mean(|eps - eps_hat(x_t, t)|^2) + lambda * CE(head(features(encode(aug(x0), t=0))), y)``
+``L = mean(|eps - eps_hat(x_t, t)|^2) + lambda * CE(head(features(encode(x_cls, t=0))), y)``
 
-The classifier sees the clean image at t = 0 through the encoder (default,
-``classifier_input="x0"``), with augmentation on the classifier input only; or the noisy x_t of
-the diffusion pass (``"xt"``, no extra pass). Examples whose label is -1 (semi-supervised) add
-only the diffusion term. Multi-label data uses BCE-with-logits; rows with any negative entry are
-unlabelled.
+The diffusion term trains on the clean ``x0``. The classifier sees ``x_cls`` at t = 0 through the
+encoder (default, ``classifier_input="x0"``): the caller's augmented copy of ``x0`` (the trainer
+passes the loader's keyed augmentation, jdm_fast.data), or ``x0`` itself when none is given; the
+model draws no augmentation itself. Or it sees the noisy x_t of the diffusion pass (``"xt"``, no
+extra pass, no augmentation). Examples whose label is -1 (semi-supervised) add only the diffusion
+term. Multi-label data uses BCE-with-logits; rows with any negative entry are unlabelled.
 
 Given a :class:`BatchKey` (what the trainer passes), every random draw of the loss except UNet
-dropout and augmentation is a pure function of ``(seed, step, global example index)``: timesteps
-and noise come from counter-based Philox streams, head-dropout masks are drawn for the whole
-global batch and sliced, and the loss terms are scaled so that data-parallel gradient averaging
-reproduces the single-process gradient. A run then does not depend on how many processes ran it.
+dropout is a pure function of ``(seed, step, global example index)``: timesteps and noise come
+from counter-based Philox streams, head-dropout masks are drawn for the whole global batch and
+sliced, and the loss terms are scaled so that data-parallel gradient averaging reproduces the
+single-process gradient. A run then does not depend on how many processes ran it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -96,15 +97,14 @@ class JointDiffusion(nn.Module):
     """UNet + classifier head + the diffusion process they are trained on.
 
     ``diffusion`` is any object with ``num_timesteps`` and ``q_sample(x0, t, noise)``
-    (``jdm_fast.diffusion.GaussianDiffusion``); ``augment`` maps a clean batch to an augmented one
-    and is applied to the classifier input only.
+    (``jdm_fast.diffusion.GaussianDiffusion``). Augmentation of the classifier input is the
+    caller's: ``forward(..., x_cls=augmented x0)``.
     """
 
-    def __init__(self, cfg: JointConfig, diffusion, augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, cfg: JointConfig, diffusion):
         super().__init__()
         self.config = cfg
         self.diffusion = diffusion
-        self.augment = augment
         self.unet = UNet(cfg.unet)
         self.head = ClassifierHead(self.unet.feature_channels, cfg.head)
 
@@ -165,8 +165,13 @@ class JointDiffusion(nn.Module):
         return masks
 
     def forward(self, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None, key: BatchKey | None = None) -> JointLoss:
+                noise: torch.Tensor | None = None, key: BatchKey | None = None,
+                x_cls: torch.Tensor | None = None) -> JointLoss:
         """Joint loss of a batch: x0 in [-1, 1] (B, C, H, W), y class ids (B,) or multi-hot (B, K); -1 = unlabelled.
+
+        ``x_cls`` (``classifier_input="x0"`` only): what the classifier encodes at t = 0 instead of
+        ``x0``, shaped like ``x0``: its augmented copy (jdm_fast.data's ``keep_clean`` batches). The
+        diffusion term always trains on ``x0``.
 
         Without ``key``, ``t`` and ``noise`` are drawn from the global RNG unless given, and the
         classifier term is the mean over the batch's labelled examples. With ``key`` (the trainer),
@@ -178,6 +183,12 @@ class JointDiffusion(nn.Module):
         """
         if y.shape[0] != x0.shape[0]:
             raise ValueError(f"x0 and y batch sizes differ: {x0.shape[0]} vs {y.shape[0]}")
+        if x_cls is not None:
+            if self.config.classifier_input != "x0":
+                raise ValueError(f"x_cls was given but classifier_input is {self.config.classifier_input!r}: the "
+                                 "classifier reads the diffusion pass's x_t; pass x_cls only with 'x0'")
+            if x_cls.shape != x0.shape:
+                raise ValueError(f"x_cls must have x0's shape {tuple(x0.shape)}, got {tuple(x_cls.shape)}")
         b = x0.shape[0]
         labelled_total, scale = None, 1.0
         if key is not None:
@@ -202,7 +213,7 @@ class JointDiffusion(nn.Module):
         if self.config.classifier_input == "xt":
             enc = cls_enc = self.unet.encode(x_t, t)
         else:
-            x_cls = self.augment(x0) if (self.augment is not None and self.training) else x0
+            x_cls = x0 if x_cls is None else x_cls
             if self.config.fuse_encoder_passes:
                 # One encoder call on [x_t ; x_cls] at [t ; 0]: every layer is per-example (GroupNorm,
                 # attention, timestep FiLM), so the halves are the two passes' results, computed with

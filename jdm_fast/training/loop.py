@@ -4,11 +4,18 @@ periodic evaluation and sample grids. The loop only knows ``JointDiffusion``'s l
 never the diffusion formulation.
 
 Determinism contract. Step ``s`` trains on the global batch ``s`` of the data order (interleaved
-shards, jdm_fast.data.loaders) with timesteps, noise and head-dropout masks that are functions of
-``(seed, s, global example index)`` (``BatchKey``), and the loss terms are global means; so with
-augmentation and UNet dropout off a run ends with the same weights whatever the number of
-processes. Augmentation and UNet dropout draw from each process's global RNG, whose state every
-checkpoint holds (one per process), so a resumed run repeats an uninterrupted one exactly.
+shards, jdm_fast.data.loaders). What an example sees is drawn on the device from keys, never from
+a process's RNG: the classifier input's augmentation of the example at position ``p`` of epoch
+``e``'s order from ``(seed, e, p)`` (the loader's keyed draws, the same on every loader backend;
+the diffusion term trains on the clean batch), and its timestep, noise and head-dropout masks from
+``(seed, s, global example index)`` (``BatchKey``); the loss terms are global means. So with UNet
+dropout off a run ends with the same weights (to float rounding) whatever the number of processes,
+augmentation on or off. UNet dropout is the one draw left on each process's global RNG (seeded
+``seed + rank``; the UNet module is not keyed), whose state every checkpoint holds (one per
+process), so a resumed run repeats an uninterrupted one exactly, and a run resumed with another
+number of processes continues exactly except for fresh UNet dropout streams. (Until issue 17 the
+model augmented its classifier input itself from the global RNG: augmented runs depended on the
+number of processes, and the augmentation stream changed with issue 17.)
 
 Non-finite losses. Every step runs through a GradScaler: dynamic for fp16, a fixed scale of 1 for
 fp32/bf16 (exact: multiplying by 1), so a step whose gradients are non-finite is skipped instead of
@@ -37,7 +44,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from jdm_fast.data import ImageDataset, apply_augment, default_augment, infinite_batches, load_dataset
+from jdm_fast.data import AugmentConfig, ImageDataset, default_augment, infinite_batches, load_dataset
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training import distributed
@@ -152,16 +159,6 @@ _RESUME_MUST_MATCH = ("model", "schedule", "num_timesteps", "dataset", "seed", "
                       "labelled_fraction", "augment")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``--device`` of a single process (under torchrun, ``distributed.setup`` picks cuda:LOCAL_RANK)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def check_dataset(cfg: TrainConfig, ds: ImageDataset) -> None:
     u, h = cfg.model.unet, cfg.model.head
     if (ds.image_size, ds.channels) != (u.image_size, u.in_channels):
@@ -188,12 +185,18 @@ def keep_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> JointDiffusion:
+    """The joint model of ``cfg`` (its classifier-input augmentation comes from the loader)."""
     diffusion = GaussianDiffusion(make_betas(cfg.schedule, cfg.num_timesteps)).to(device)
-    augment = None
-    if cfg.augment:
-        aug_cfg = default_augment(cfg.dataset)
-        augment = lambda x: apply_augment(x, aug_cfg)  # noqa: E731  (global RNG: restored on resume)
-    return JointDiffusion(cfg.model, diffusion, augment).to(device)
+    return JointDiffusion(cfg.model, diffusion).to(device)
+
+
+def classifier_augment(cfg: TrainConfig) -> AugmentConfig | None:
+    """The augmentation of the classifier input that the run's loader draws: the dataset's default
+    (what ``jdm_fast.generation.load_joint_model`` reports as the head's training augmentation) with
+    ``--augment`` and the classifier on clean images; None otherwise (on x_t nothing is augmented)."""
+    if cfg.augment and cfg.model.classifier_input == "x0":
+        return default_augment(cfg.dataset)
+    return None
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -318,8 +321,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         ctx.close()
 
 
-def _restore(cfg: TrainConfig, ctx: Dist, device: torch.device, out: Path, log, model,
-             trainer: TrainStep) -> tuple[int, Precision]:
+def _restore(cfg: TrainConfig, trainer: TrainStep, *, out: Path, ctx: Dist, log) -> tuple[int, Precision]:
+    """Load the latest checkpoint of ``out`` into ``trainer`` (its model, EMA, optimizer, scheduler,
+    scaler) and this process's RNG; returns (step, precision of the run)."""
+    model, device = trainer.model, trainer.device
     state, path = load_latest(out, log)
     saved = TrainConfig(**state["config"])
     differ = [f for f in _RESUME_MUST_MATCH if getattr(saved, f) != getattr(cfg, f)]
@@ -339,8 +344,9 @@ def _restore(cfg: TrainConfig, ctx: Dist, device: torch.device, out: Path, log, 
         set_rng_state(rngs[0], device)
         if ctx.rank:
             torch.manual_seed(cfg.seed + ctx.rank)
-        log(f"note: {path} was written by {len(rngs)} process(es), this run has {ctx.world_size}: data, noise "
-            "and timesteps continue exactly, augmentation and UNet dropout draw fresh random streams")
+        log(f"note: {path} was written by {len(rngs)} process(es), this run has {ctx.world_size}: data, "
+            "augmentation, noise, timesteps and head dropout continue exactly, UNet dropout draws fresh random "
+            "streams")
     step = int(state["step"])
     log(f"resumed from {path} at step {step}")
     return step, Precision(*state["precision"])
@@ -397,7 +403,6 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(train_ds)} training images")
 
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    np.random.seed(cfg.seed % 2**32)
     model = build_model(cfg, device)
     precision = choose_precision(cfg.amp, device)
     if precision.dtype is not None and device.type == "cpu" and not cfg.resume:
@@ -417,10 +422,10 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
         _check_free_space(out, model, checkpoint_files(out))
     start_step = 0
     if cfg.resume:
-        start_step, precision = _restore(cfg, ctx, device, out, log, model, trainer)
+        start_step, precision = _restore(cfg, trainer, out=out, ctx=ctx, log=log)
         trainer.precision = precision  # the precision the run started with
     elif ctx.rank:
-        torch.manual_seed(cfg.seed + ctx.rank)  # per-process dropout/augmentation streams (CPU and CUDA)
+        torch.manual_seed(cfg.seed + ctx.rank)  # per-process UNet dropout streams (CPU and CUDA)
     if start_step >= cfg.steps:
         log(f"nothing to do: the run in {out} is at step {start_step} >= --steps {cfg.steps}; no file was "
             f"changed (pass --steps > {start_step} to continue it)")
@@ -435,11 +440,14 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
             metrics_path.rename(kept)
             log(f"note: {metrics_path} of an earlier run (no checkpoint) moved to {kept}; this run starts a new one")
 
-    # The diffusion term trains on un-augmented images; augmentation is applied to the
-    # classifier input only, inside JointDiffusion. Shard i of n holds examples
-    # [i * B/n, (i+1) * B/n) of each global batch.
+    # The diffusion term trains on the clean images x, the classifier on the loader's augmented copy
+    # x_aug (None with --no-augment or a classifier on x_t), drawn per example from
+    # (seed, epoch, position), so it is the same for any number of processes and on resume.
+    # Shard i of n holds examples [i * B/n, (i+1) * B/n) of each global batch.
+    augment = classifier_augment(cfg)
     batches = infinite_batches(train_ds, local_batch, seed=cfg.seed, start_step=start_step,
-                               shard=(ctx.rank, ctx.world_size), backend=cfg.loader, device=device, augment=False)
+                               shard=(ctx.rank, ctx.world_size), backend=cfg.loader, device=device,
+                               augment=augment is not None, augment_config=augment, keep_clean=True)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"device {device} | precision {precision.name}: {precision.reason} | compile {use_compile} ({why})")
     log(f"step: {trainer.describe()}")
@@ -493,10 +501,10 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
                disable=None if ctx.is_main else True)
     preempt = stack.enter_context(_PreemptFlag(ctx))
     for step in range(start_step, cfg.steps):
-        x, y = next(batches)
+        x, y, x_aug = next(batches)
         if cfg.labelled_fraction < 1.0:
             y = y.masked_fill(y == unlabelled, -1)
-        losses, bad = trainer(x, y, step)
+        losses, bad = trainer(x, y, step, x_cls=x_aug)
         guard.record(step, bad)
         terms = torch.stack([losses.total.detach(), losses.diffusion.detach(), losses.classifier.detach()]).float()
         sums += torch.cat([torch.where(bad, 0.0, terms), (~bad).float()[None],

@@ -58,8 +58,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 class TrainStep:
     """One optimisation step of ``model`` (see the module docstring).
 
-    ``step(x, y, i)`` runs step ``i`` (0-based global step: it keys the randomness and the EMA
-    warm-up) on this process's batch and returns a :class:`StepResult`. ``model`` stays the
+    ``step(x, y, i, x_cls)`` runs step ``i`` (0-based global step: it keys the randomness and the
+    EMA warm-up) on this process's batch (``x`` clean; ``x_cls``, when given, the classifier's
+    augmented copy of it, from the loader) and returns a :class:`StepResult`. ``model`` stays the
     uncompiled, unwrapped module (what checkpoints hold); ``forward`` is what runs.
     """
 
@@ -125,12 +126,13 @@ class TrainStep:
         first = torch.full((), step * global_batch + start, dtype=torch.int64, device=self.device)
         return BatchKey(self.seed, step, start, global_batch, labelled, first)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int, x_cls: torch.Tensor | None = None) -> StepResult:
+        extra = {} if x_cls is None else {"x_cls": x_cls}  # the baseline model of benchmarks/ takes none
         with autocast(self.device, self.precision):
             if self.keyed:
-                losses = self.forward(x, y, key=self.key(y, step))
+                losses = self.forward(x, y, key=self.key(y, step), **extra)
             else:
-                losses = self.forward(x, y)
+                losses = self.forward(x, y, **extra)
         total = losses[0]
         self.scaler.scale(total).backward()
         if self.grad_clip is not None:
