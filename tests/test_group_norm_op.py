@@ -127,21 +127,21 @@ def test_unet_uses_the_fused_op_with_the_same_results():
 
 
 def test_backend_switch(monkeypatch):
-    monkeypatch.delenv("JDM_FAST_BACKEND", raising=False)
+    """JDM_FAST_BACKEND / TRITON_INTERPRET as read at import (backends.SETTINGS), and backend(...)."""
+    settings = backend_mod.Settings.from_environment
+    monkeypatch.setattr(backend_mod, "SETTINGS", settings({}))
     assert current_backend() == "auto"
     assert not backend_mod.use_triton(torch.device("cpu"), "op")  # auto: reference on CPU
-    monkeypatch.setenv("JDM_FAST_BACKEND", "reference")
+    monkeypatch.setattr(backend_mod, "SETTINGS", settings({"JDM_FAST_BACKEND": "reference"}))
     assert current_backend() == "reference"
     with backend("triton"):
         assert current_backend() == "triton"  # the context manager wins over the variable
-    monkeypatch.setenv("JDM_FAST_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="JDM_FAST_BACKEND must be one of"):
-        current_backend()
+        settings({"JDM_FAST_BACKEND": "cuda-magic"})
     with pytest.raises(ValueError, match="backend must be one of"):
         with backend("fast"):
             pass
-    monkeypatch.setenv("JDM_FAST_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend_mod, "SETTINGS", settings({"JDM_FAST_BACKEND": "triton"}))  # no TRITON_INTERPRET
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend_mod.use_triton(torch.device("cpu"), "group_norm_silu")
 
