@@ -19,12 +19,9 @@ def launcher(kernel):
 
 def compile_options(cfg, kind: str) -> dict:
     """The options (num_warps, num_stages) kernel ``kind`` of launch config ``cfg`` is compiled with,
-    as its launcher runs it: per-kernel for configs with ``launch`` (attention), the config's own
-    otherwise, 4 warps for the config-less GroupNorm reduction. The ahead-of-time compiles of the
-    tests and of benchmarks/kernel_resources.py use it, so they compile what runs."""
-    if hasattr(cfg, "launch"):
-        return cfg.launch(kind)[1]
-    options = {"num_warps": getattr(cfg, "num_warps", 4)}
-    if hasattr(cfg, "num_stages"):
-        options["num_stages"] = cfg.num_stages
-    return options
+    as its launcher runs it: ``cfg.launch(kind)``'s, or 4 warps for the config-less GroupNorm
+    reduction. The ahead-of-time compiles of the tests and of benchmarks/kernel_resources.py use
+    it, so they compile what runs."""
+    if cfg is None:
+        return {"num_warps": 4}
+    return cfg.launch(kind)[1]

@@ -22,14 +22,15 @@ Since dxhat = da * w[c], the group means follow from the per-channel partials:
 mean_grp(dxhat) = sum_c w[c] * db_part[n, c] / count, mean_grp(dxhat * xhat) = sum_c w[c] *
 dw_part[n, c] / count, which is how the looped backward gets them in its reduction pass.
 
-One program per (n, g). Two variants of each direction: single-pass (the whole group is one
-[BLOCK_C, BLOCK_HW] register tile: x and dy read once) and looped (chunks over channels and HW;
-the forward merges per-chunk (count, mean, M2) with Chan's formula, never E[x^2] - E[x]^2).
-x / y / dy / dx are (N, C, H, W), contiguous or channels_last: H and W are flattened with
-stride_hw = stride(3), which requires stride(2) == W * stride(3).
+One program per (n, g). Each direction is one kernel with two variants, chosen by the constexpr
+SINGLE_PASS: single-pass (the whole group is one [BLOCK_C, BLOCK_HW] register tile: x and dy read
+once) and looped (chunks over channels and HW; the forward merges per-chunk (count, mean, M2)
+with Chan's formula, never E[x^2] - E[x]^2). x / y / dy / dx are (N, C, H, W), contiguous or
+channels_last: H and W are flattened with stride_hw = stride(3), which requires
+stride(2) == W * stride(3).
 
 Presence flags and the activation flag are plain ints (not constexpr, not specialized), so the
-flags do not multiply compiled variants; BLOCK_C and BLOCK_HW are the only constexprs.
+flags do not multiply compiled variants; SINGLE_PASS, BLOCK_C and BLOCK_HW are the only constexprs.
 """
 from __future__ import annotations
 
@@ -39,12 +40,36 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launcher
+from ._launch import compile_options, launcher
 
 _FLAGS = ["has_w", "has_b", "has_scale", "has_shift", "act"]
 
 
 # ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _tile(base, ch, hw, s_c, s_hw):
+    """Pointers to channels ``ch`` x flattened pixels ``hw`` of one sample: [BLOCK_C, BLOCK_HW]."""
+    return base + ch[:, None] * s_c + hw[None, :] * s_hw
+
+
+@triton.jit
+def _load_channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n64, ch, c_mask, ss_n, ss_c, ssh_n, ssh_c,
+                         has_w, has_b, has_scale, has_shift):
+    """fp32 (w, b, s, sh) of channels ``ch`` of sample n: [BLOCK_C] each; an absent input or a
+    masked channel reads as the identity (w = 1, b = s = sh = 0)."""
+    w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
+    b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0).to(tl.float32)
+    sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0).to(tl.float32)
+    return w, b, s, sh
+
+
+@triton.jit
+def _act(z, act):
+    """y = SiLU(z) when act, else z (fp32)."""
+    return tl.where(act != 0, z / (1.0 + tl.exp(-z)), z)
+
+
 @triton.jit
 def _silu_grad(z):
     """d silu(z) / dz for fp32 z."""
@@ -52,211 +77,114 @@ def _silu_grad(z):
     return sig * (1.0 + z * (1.0 - sig))
 
 
-@triton.jit(do_not_specialize=_FLAGS)
-def _gn_fwd_single_kernel(
-    x_ptr,  # (N, C, H, W) input, any float dtype, strides below
-    y_ptr,  # (N, C, H, W) output, x's dtype
-    w_ptr,  # (C,) weight, or a dummy when has_w == 0
-    b_ptr,  # (C,) bias, or a dummy when has_b == 0
-    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
-    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
-    mean_ptr,  # (N, G) fp32 out: group mean
-    rstd_ptr,  # (N, G) fp32 out: 1 / sqrt(var + eps)
-    G,  # number of groups
-    CG,  # channels per group, C // G
-    HW,  # H * W
-    sx_n, sx_c, sx_hw,  # x strides (elements) of n, c and the flattened h*w
-    sy_n, sy_c, sy_hw,  # y strides
-    ss_n, ss_c,  # scale strides
-    ssh_n, ssh_c,  # shift strides
-    eps,  # float; may arrive as fp64 under Inductor
-    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
-    act,  # int: 1 = SiLU, 0 = identity
-    BLOCK_C: tl.constexpr,  # >= CG, power of 2
-    BLOCK_HW: tl.constexpr,  # >= HW, power of 2
-):
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    cc = tl.arange(0, BLOCK_C)
-    hh = tl.arange(0, BLOCK_HW)
-    c_mask = cc < CG
-    mask = c_mask[:, None] & (hh < HW)[None, :]
-    ch = g * CG + cc  # absolute channel index, [BLOCK_C]
-    n64 = n.to(tl.int64)
-
-    x = tl.load(x_ptr + n64 * sx_n + ch[:, None] * sx_c + hh[None, :] * sx_hw, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
-    mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
-    d = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
-    rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
-
-    w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
-    b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0).to(tl.float32)
-    sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0).to(tl.float32)
-    z = (d * rstd * w[:, None] + b[:, None]) * (1.0 + s[:, None]) + sh[:, None]
-    z = tl.where(act != 0, z / (1.0 + tl.exp(-z)), z)
-    tl.store(y_ptr + n64 * sy_n + ch[:, None] * sy_c + hh[None, :] * sy_hw, z.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=_FLAGS)
-def _gn_fwd_looped_kernel(
-    x_ptr,  # (N, C, H, W) input, any float dtype, strides below
-    y_ptr,  # (N, C, H, W) output, x's dtype
-    w_ptr,  # (C,) weight, or a dummy when has_w == 0
-    b_ptr,  # (C,) bias, or a dummy when has_b == 0
-    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
-    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
-    mean_ptr,  # (N, G) fp32 out: group mean
-    rstd_ptr,  # (N, G) fp32 out: 1 / sqrt(var + eps)
-    G,  # number of groups
-    CG,  # channels per group, C // G
-    HW,  # H * W
-    sx_n, sx_c, sx_hw,  # x strides (elements) of n, c and the flattened h*w
-    sy_n, sy_c, sy_hw,  # y strides
-    ss_n, ss_c,  # scale strides
-    ssh_n, ssh_c,  # shift strides
-    eps,  # float; may arrive as fp64 under Inductor
-    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
-    act,  # int: 1 = SiLU, 0 = identity
-    BLOCK_C: tl.constexpr,  # channel chunk, power of 2
-    BLOCK_HW: tl.constexpr,  # h*w chunk, power of 2
-):
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    cc = tl.arange(0, BLOCK_C)
-    hh = tl.arange(0, BLOCK_HW)
-    n64 = n.to(tl.int64)
-    x_base = x_ptr + n64 * sx_n
-    y_base = y_ptr + n64 * sy_n
-
-    # pass 1: statistics, per-chunk (count, mean, M2) merged with Chan's formula
-    cnt = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for c0 in range(0, CG, BLOCK_C):
-        c_mask = (c0 + cc) < CG
-        ch = g * CG + c0 + cc
-        nc = tl.minimum(CG - c0, BLOCK_C)
-        for h0 in range(0, HW, BLOCK_HW):
-            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
-            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
-            x = x.to(tl.float32)
-            nb = (nc * tl.minimum(HW - h0, BLOCK_HW)).to(tl.float32)
-            bmean = tl.sum(tl.sum(x, axis=1), axis=0) / nb
-            d = tl.where(mask, x - bmean, 0.0)
-            bm2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
-            tot = cnt + nb
-            delta = bmean - mean
-            mean = mean + delta * (nb / tot)
-            m2 = m2 + bm2 + delta * delta * (cnt * (nb / tot))
-            cnt = tot
-    rstd = 1.0 / tl.sqrt(m2 / cnt + tl.cast(eps, tl.float32))
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
-
-    # pass 2: normalize, affine, FiLM, activation
-    for c0 in range(0, CG, BLOCK_C):
-        c_mask = (c0 + cc) < CG
-        ch = g * CG + c0 + cc
-        w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
-        s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0)
-        sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0)
-        wr = (w * rstd)[:, None]
-        s1 = (1.0 + s.to(tl.float32))[:, None]
-        sh = sh.to(tl.float32)[:, None]
-        for h0 in range(0, HW, BLOCK_HW):
-            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
-            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
-            z = ((x.to(tl.float32) - mean) * wr + b[:, None]) * s1 + sh
-            z = tl.where(act != 0, z / (1.0 + tl.exp(-z)), z)
-            tl.store(y_base + ch[:, None] * sy_c + (h0 + hh)[None, :] * sy_hw, z.to(y_ptr.dtype.element_ty),
-                     mask=mask)
-
-
-@triton.jit(do_not_specialize=_FLAGS)
-def _gn_bwd_single_kernel(
-    dy_ptr,  # (N, C, H, W) upstream gradient, x's dtype, own strides
-    x_ptr,  # (N, C, H, W) forward input
-    dx_ptr,  # (N, C, H, W) out: input gradient, x's dtype and layout
-    w_ptr,  # (C,) weight, or a dummy when has_w == 0
-    b_ptr,  # (C,) bias, or a dummy when has_b == 0
-    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
-    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
-    mean_ptr,  # (N, G) fp32 group mean from the forward
-    rstd_ptr,  # (N, G) fp32 group rstd from the forward
-    dw_part_ptr,  # (N, C) fp32 out: sum_hw da * xhat (written when has_w)
-    db_part_ptr,  # (N, C) fp32 out: sum_hw da (written when has_b)
-    dscale_ptr,  # (N, C) fp32 out, contiguous: sum_hw dz * a (written when has_scale)
-    dshift_ptr,  # (N, C) fp32 out, contiguous: sum_hw dz (written when has_shift)
-    C,  # channels
-    G,  # number of groups
-    CG,  # channels per group, C // G
-    HW,  # H * W
-    sdy_n, sdy_c, sdy_hw,  # dy strides
-    sx_n, sx_c, sx_hw,  # x strides
-    sdx_n, sdx_c, sdx_hw,  # dx strides
-    ss_n, ss_c,  # scale strides
-    ssh_n, ssh_c,  # shift strides
-    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
-    act,  # int: 1 = SiLU, 0 = identity
-    BLOCK_C: tl.constexpr,  # >= CG, power of 2
-    BLOCK_HW: tl.constexpr,  # >= HW, power of 2
-):
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
-    cc = tl.arange(0, BLOCK_C)
-    hh = tl.arange(0, BLOCK_HW)
-    c_mask = cc < CG
-    mask = c_mask[:, None] & (hh < HW)[None, :]
-    ch = g * CG + cc
-    n64 = n.to(tl.int64)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-
-    w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
-    b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0).to(tl.float32)
-    sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0).to(tl.float32)
-
-    x = tl.load(x_ptr + n64 * sx_n + ch[:, None] * sx_c + hh[None, :] * sx_hw, mask=mask, other=0.0)
-    dy = tl.load(dy_ptr + n64 * sdy_n + ch[:, None] * sdy_c + hh[None, :] * sdy_hw, mask=mask, other=0.0)
-    xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
-    a = xhat * w[:, None] + b[:, None]
-    s1 = 1.0 + s
+@triton.jit
+def _act_grad(dy, a, s1, sh, act):
+    """dz = dy * act'(z) at z = a * (1 + s) + sh, fp32; s1 = 1 + s and sh per channel. A masked
+    lane has dy = 0, so dz = 0 there."""
     dz = dy.to(tl.float32)
     z = a * s1[:, None] + sh[:, None]
-    dz = tl.where(act != 0, dz * _silu_grad(z), dz)  # masked lanes: dy = 0 -> dz = 0
-
-    dshift = tl.sum(dz, axis=1)
-    dscale = tl.sum(dz * a, axis=1)
-    row = n64 * C + ch
-    tl.store(dshift_ptr + row, dshift, mask=c_mask & (has_shift != 0))
-    tl.store(dscale_ptr + row, dscale, mask=c_mask & (has_scale != 0))
-    da = dz * s1[:, None]
-    dw_part = tl.sum(da * xhat, axis=1)
-    db_part = tl.sum(da, axis=1)
-    tl.store(dw_part_ptr + row, dw_part, mask=c_mask & (has_w != 0))
-    tl.store(db_part_ptr + row, db_part, mask=c_mask & (has_b != 0))
-
-    count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
-    m1 = tl.sum(w * db_part, axis=0) / count  # mean_grp(dxhat)
-    m2 = tl.sum(w * dw_part, axis=0) / count  # mean_grp(dxhat * xhat)
-    dx = rstd * (da * w[:, None] - m1 - xhat * m2)
-    tl.store(dx_ptr + n64 * sdx_n + ch[:, None] * sdx_c + hh[None, :] * sdx_hw, dx.to(dx_ptr.dtype.element_ty),
-             mask=mask)
+    return tl.where(act != 0, dz * _silu_grad(z), dz)
 
 
 @triton.jit(do_not_specialize=_FLAGS)
-def _gn_bwd_looped_kernel(
+def _gn_fwd_kernel(
+    x_ptr,  # (N, C, H, W) input, any float dtype, strides below
+    y_ptr,  # (N, C, H, W) output, x's dtype
+    w_ptr,  # (C,) weight, or a dummy when has_w == 0
+    b_ptr,  # (C,) bias, or a dummy when has_b == 0
+    scale_ptr,  # (N, C) FiLM scale, or a dummy when has_scale == 0
+    shift_ptr,  # (N, C) FiLM shift, or a dummy when has_shift == 0
+    mean_ptr,  # (N, G) fp32 out: group mean
+    rstd_ptr,  # (N, G) fp32 out: 1 / sqrt(var + eps)
+    G,  # number of groups
+    CG,  # channels per group, C // G
+    HW,  # H * W
+    sx_n, sx_c, sx_hw,  # x strides (elements) of n, c and the flattened h*w
+    sy_n, sy_c, sy_hw,  # y strides
+    ss_n, ss_c,  # scale strides
+    ssh_n, ssh_c,  # shift strides
+    eps,  # float; may arrive as fp64 under Inductor
+    has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
+    act,  # int: 1 = SiLU, 0 = identity
+    SINGLE_PASS: tl.constexpr,  # the whole group is one tile (BLOCK_C >= CG, BLOCK_HW >= HW), else chunks
+    BLOCK_C: tl.constexpr,  # channels per tile, power of 2
+    BLOCK_HW: tl.constexpr,  # pixels per tile, power of 2
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    g = pid % G
+    cc = tl.arange(0, BLOCK_C)
+    hh = tl.arange(0, BLOCK_HW)
+    if SINGLE_PASS:  # x read once: two-pass statistics on the register tile
+        c_mask = cc < CG
+        mask = c_mask[:, None] & (hh < HW)[None, :]
+        ch = g * CG + cc  # absolute channel index, [BLOCK_C]
+        n64 = n.to(tl.int64)
+
+        x = tl.load(_tile(x_ptr + n64 * sx_n, ch, hh, sx_c, sx_hw), mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
+        mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
+        d = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(tl.sum(d * d, axis=1), axis=0) / count
+        rstd = 1.0 / tl.sqrt(var + tl.cast(eps, tl.float32))
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+
+        w, b, s, sh = _load_channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n64, ch, c_mask, ss_n, ss_c,
+                                           ssh_n, ssh_c, has_w, has_b, has_scale, has_shift)
+        z = (d * rstd * w[:, None] + b[:, None]) * (1.0 + s[:, None]) + sh[:, None]
+        z = _act(z, act)
+        tl.store(_tile(y_ptr + n64 * sy_n, ch, hh, sy_c, sy_hw), z.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        n64 = n.to(tl.int64)
+        x_base = x_ptr + n64 * sx_n
+        y_base = y_ptr + n64 * sy_n
+
+        # pass 1: statistics, per-chunk (count, mean, M2) merged with Chan's formula
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for c0 in range(0, CG, BLOCK_C):
+            c_mask = (c0 + cc) < CG
+            ch = g * CG + c0 + cc
+            nc = tl.minimum(CG - c0, BLOCK_C)
+            for h0 in range(0, HW, BLOCK_HW):
+                mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+                x = tl.load(_tile(x_base, ch, h0 + hh, sx_c, sx_hw), mask=mask, other=0.0)
+                x = x.to(tl.float32)
+                nb = (nc * tl.minimum(HW - h0, BLOCK_HW)).to(tl.float32)
+                bmean = tl.sum(tl.sum(x, axis=1), axis=0) / nb
+                d = tl.where(mask, x - bmean, 0.0)
+                bm2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                tot = cnt + nb
+                delta = bmean - mean
+                mean = mean + delta * (nb / tot)
+                m2 = m2 + bm2 + delta * delta * (cnt * (nb / tot))
+                cnt = tot
+        rstd = 1.0 / tl.sqrt(m2 / cnt + tl.cast(eps, tl.float32))
+        tl.store(mean_ptr + pid, mean)
+        tl.store(rstd_ptr + pid, rstd)
+
+        # pass 2: normalize, affine, FiLM, activation
+        for c0 in range(0, CG, BLOCK_C):
+            c_mask = (c0 + cc) < CG
+            ch = g * CG + c0 + cc
+            w, b, s, sh = _load_channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n64, ch, c_mask, ss_n, ss_c,
+                                               ssh_n, ssh_c, has_w, has_b, has_scale, has_shift)
+            wr = (w * rstd)[:, None]
+            s1 = (1.0 + s)[:, None]
+            sh = sh[:, None]
+            for h0 in range(0, HW, BLOCK_HW):
+                mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+                x = tl.load(_tile(x_base, ch, h0 + hh, sx_c, sx_hw), mask=mask, other=0.0)
+                z = ((x.to(tl.float32) - mean) * wr + b[:, None]) * s1 + sh
+                z = _act(z, act)
+                tl.store(_tile(y_base, ch, h0 + hh, sy_c, sy_hw), z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_FLAGS)
+def _gn_bwd_kernel(
     dy_ptr,  # (N, C, H, W) upstream gradient, x's dtype, own strides
     x_ptr,  # (N, C, H, W) forward input
     dx_ptr,  # (N, C, H, W) out: input gradient, x's dtype and layout
@@ -281,84 +209,109 @@ def _gn_bwd_looped_kernel(
     ssh_n, ssh_c,  # shift strides
     has_w, has_b, has_scale, has_shift,  # int 0/1 presence flags
     act,  # int: 1 = SiLU, 0 = identity
-    BLOCK_C: tl.constexpr,  # channel chunk, power of 2
-    BLOCK_HW: tl.constexpr,  # h*w chunk, power of 2
+    SINGLE_PASS: tl.constexpr,  # the whole group is one tile (BLOCK_C >= CG, BLOCK_HW >= HW), else chunks
+    BLOCK_C: tl.constexpr,  # channels per tile, power of 2
+    BLOCK_HW: tl.constexpr,  # pixels per tile, power of 2
 ):
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
     cc = tl.arange(0, BLOCK_C)
     hh = tl.arange(0, BLOCK_HW)
-    n64 = n.to(tl.int64)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-    x_base = x_ptr + n64 * sx_n
-    dy_base = dy_ptr + n64 * sdy_n
-    dx_base = dx_ptr + n64 * sdx_n
+    if SINGLE_PASS:  # x and dy read once
+        c_mask = cc < CG
+        mask = c_mask[:, None] & (hh < HW)[None, :]
+        ch = g * CG + cc
+        n64 = n.to(tl.int64)
+        mean = tl.load(mean_ptr + pid)
+        rstd = tl.load(rstd_ptr + pid)
 
-    # pass 1: per-channel sums, and the two group sums sum_c w * db_part, sum_c w * dw_part
-    sum1 = 0.0
-    sum2 = 0.0
-    for c0 in range(0, CG, BLOCK_C):
-        c_mask = (c0 + cc) < CG
-        ch = g * CG + c0 + cc
-        w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
-        s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0)
-        sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0)
-        s1 = 1.0 + s.to(tl.float32)
-        sh = sh.to(tl.float32)
-        acc_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_dza = tl.zeros([BLOCK_C], dtype=tl.float32)
-        acc_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum_hw dz * xhat
-        for h0 in range(0, HW, BLOCK_HW):
-            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
-            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
-            dy = tl.load(dy_base + ch[:, None] * sdy_c + (h0 + hh)[None, :] * sdy_hw, mask=mask, other=0.0)
-            xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
-            a = xhat * w[:, None] + b[:, None]
-            dz = dy.to(tl.float32)
-            z = a * s1[:, None] + sh[:, None]
-            dz = tl.where(act != 0, dz * _silu_grad(z), dz)
-            acc_dz += tl.sum(dz, axis=1)
-            acc_dza += tl.sum(dz * a, axis=1)
-            acc_dzx += tl.sum(dz * xhat, axis=1)
+        w, b, s, sh = _load_channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n64, ch, c_mask, ss_n, ss_c,
+                                           ssh_n, ssh_c, has_w, has_b, has_scale, has_shift)
+
+        x = tl.load(_tile(x_ptr + n64 * sx_n, ch, hh, sx_c, sx_hw), mask=mask, other=0.0)
+        dy = tl.load(_tile(dy_ptr + n64 * sdy_n, ch, hh, sdy_c, sdy_hw), mask=mask, other=0.0)
+        xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+        a = xhat * w[:, None] + b[:, None]
+        s1 = 1.0 + s
+        dz = _act_grad(dy, a, s1, sh, act)
+
+        dshift = tl.sum(dz, axis=1)
+        dscale = tl.sum(dz * a, axis=1)
         row = n64 * C + ch
-        tl.store(dshift_ptr + row, acc_dz, mask=c_mask & (has_shift != 0))
-        tl.store(dscale_ptr + row, acc_dza, mask=c_mask & (has_scale != 0))
-        dw_part = acc_dzx * s1  # (1 + s) is constant per (n, c): sum da*xhat = (1+s) sum dz*xhat
-        db_part = acc_dz * s1
+        tl.store(dshift_ptr + row, dshift, mask=c_mask & (has_shift != 0))
+        tl.store(dscale_ptr + row, dscale, mask=c_mask & (has_scale != 0))
+        da = dz * s1[:, None]
+        dw_part = tl.sum(da * xhat, axis=1)
+        db_part = tl.sum(da, axis=1)
         tl.store(dw_part_ptr + row, dw_part, mask=c_mask & (has_w != 0))
         tl.store(db_part_ptr + row, db_part, mask=c_mask & (has_b != 0))
-        sum1 += tl.sum(tl.where(c_mask, w * db_part, 0.0), axis=0)
-        sum2 += tl.sum(tl.where(c_mask, w * dw_part, 0.0), axis=0)
 
-    count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
-    m1 = sum1 / count  # mean_grp(dxhat)
-    m2 = sum2 / count  # mean_grp(dxhat * xhat)
+        count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
+        m1 = tl.sum(w * db_part, axis=0) / count  # mean_grp(dxhat)
+        m2 = tl.sum(w * dw_part, axis=0) / count  # mean_grp(dxhat * xhat)
+        dx = rstd * (da * w[:, None] - m1 - xhat * m2)
+        tl.store(_tile(dx_ptr + n64 * sdx_n, ch, hh, sdx_c, sdx_hw), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        n64 = n.to(tl.int64)
+        mean = tl.load(mean_ptr + pid)
+        rstd = tl.load(rstd_ptr + pid)
+        x_base = x_ptr + n64 * sx_n
+        dy_base = dy_ptr + n64 * sdy_n
+        dx_base = dx_ptr + n64 * sdx_n
 
-    # pass 2: dx
-    for c0 in range(0, CG, BLOCK_C):
-        c_mask = (c0 + cc) < CG
-        ch = g * CG + c0 + cc
-        w = tl.load(w_ptr + ch, mask=c_mask & (has_w != 0), other=1.0).to(tl.float32)
-        b = tl.load(b_ptr + ch, mask=c_mask & (has_b != 0), other=0.0).to(tl.float32)
-        s = tl.load(scale_ptr + n64 * ss_n + ch * ss_c, mask=c_mask & (has_scale != 0), other=0.0)
-        sh = tl.load(shift_ptr + n64 * ssh_n + ch * ssh_c, mask=c_mask & (has_shift != 0), other=0.0)
-        s1 = 1.0 + s.to(tl.float32)
-        sh = sh.to(tl.float32)
-        for h0 in range(0, HW, BLOCK_HW):
-            mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
-            x = tl.load(x_base + ch[:, None] * sx_c + (h0 + hh)[None, :] * sx_hw, mask=mask, other=0.0)
-            dy = tl.load(dy_base + ch[:, None] * sdy_c + (h0 + hh)[None, :] * sdy_hw, mask=mask, other=0.0)
-            xhat = (x.to(tl.float32) - mean) * rstd
-            a = xhat * w[:, None] + b[:, None]
-            dz = dy.to(tl.float32)
-            z = a * s1[:, None] + sh[:, None]
-            dz = tl.where(act != 0, dz * _silu_grad(z), dz)
-            dx = rstd * (dz * (s1 * w)[:, None] - m1 - xhat * m2)
-            tl.store(dx_base + ch[:, None] * sdx_c + (h0 + hh)[None, :] * sdx_hw, dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask)
+        # pass 1: per-channel sums, and the two group sums sum_c w * db_part, sum_c w * dw_part
+        sum1 = 0.0
+        sum2 = 0.0
+        for c0 in range(0, CG, BLOCK_C):
+            c_mask = (c0 + cc) < CG
+            ch = g * CG + c0 + cc
+            w, b, s, sh = _load_channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n64, ch, c_mask, ss_n, ss_c,
+                                               ssh_n, ssh_c, has_w, has_b, has_scale, has_shift)
+            s1 = 1.0 + s
+            acc_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+            acc_dza = tl.zeros([BLOCK_C], dtype=tl.float32)
+            acc_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum_hw dz * xhat
+            for h0 in range(0, HW, BLOCK_HW):
+                mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+                x = tl.load(_tile(x_base, ch, h0 + hh, sx_c, sx_hw), mask=mask, other=0.0)
+                dy = tl.load(_tile(dy_base, ch, h0 + hh, sdy_c, sdy_hw), mask=mask, other=0.0)
+                xhat = tl.where(mask, (x.to(tl.float32) - mean) * rstd, 0.0)
+                a = xhat * w[:, None] + b[:, None]
+                dz = _act_grad(dy, a, s1, sh, act)
+                acc_dz += tl.sum(dz, axis=1)
+                acc_dza += tl.sum(dz * a, axis=1)
+                acc_dzx += tl.sum(dz * xhat, axis=1)
+            row = n64 * C + ch
+            tl.store(dshift_ptr + row, acc_dz, mask=c_mask & (has_shift != 0))
+            tl.store(dscale_ptr + row, acc_dza, mask=c_mask & (has_scale != 0))
+            dw_part = acc_dzx * s1  # (1 + s) is constant per (n, c): sum da*xhat = (1+s) sum dz*xhat
+            db_part = acc_dz * s1
+            tl.store(dw_part_ptr + row, dw_part, mask=c_mask & (has_w != 0))
+            tl.store(db_part_ptr + row, db_part, mask=c_mask & (has_b != 0))
+            sum1 += tl.sum(tl.where(c_mask, w * db_part, 0.0), axis=0)
+            sum2 += tl.sum(tl.where(c_mask, w * dw_part, 0.0), axis=0)
+
+        count = tl.cast(CG * HW, tl.float32)  # a Python int when the JIT specializes CG = HW = 1
+        m1 = sum1 / count  # mean_grp(dxhat)
+        m2 = sum2 / count  # mean_grp(dxhat * xhat)
+
+        # pass 2: dx
+        for c0 in range(0, CG, BLOCK_C):
+            c_mask = (c0 + cc) < CG
+            ch = g * CG + c0 + cc
+            w, b, s, sh = _load_channel_params(w_ptr, b_ptr, scale_ptr, shift_ptr, n64, ch, c_mask, ss_n, ss_c,
+                                               ssh_n, ssh_c, has_w, has_b, has_scale, has_shift)
+            s1 = 1.0 + s
+            for h0 in range(0, HW, BLOCK_HW):
+                mask = c_mask[:, None] & ((h0 + hh) < HW)[None, :]
+                x = tl.load(_tile(x_base, ch, h0 + hh, sx_c, sx_hw), mask=mask, other=0.0)
+                dy = tl.load(_tile(dy_base, ch, h0 + hh, sdy_c, sdy_hw), mask=mask, other=0.0)
+                xhat = (x.to(tl.float32) - mean) * rstd
+                a = xhat * w[:, None] + b[:, None]
+                dz = _act_grad(dy, a, s1, sh, act)
+                dx = rstd * (dz * (s1 * w)[:, None] - m1 - xhat * m2)
+                tl.store(_tile(dx_base, ch, h0 + hh, sdx_c, sdx_hw), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -378,18 +331,24 @@ def _sum_over_n_kernel(
 
 
 _REDUCE_BLOCK = 256
-_REDUCE_WARPS = 4
 
 
 # ------------------------------------------------------------------------------------ configs
 @dataclass(frozen=True)
 class GNConfig:
-    """One launch configuration: which variant and its tile."""
+    """One launch configuration of the forward and backward kernels: which variant and its tile."""
 
-    single_pass: bool  # whole group in one register tile (else the looped kernels)
+    single_pass: bool  # whole group in one register tile (else chunks, looped over)
     block_c: int  # BLOCK_C, power of 2
     block_hw: int  # BLOCK_HW, power of 2
     num_warps: int
+
+    def launch(self, kind: str) -> tuple[dict, dict]:
+        """(constexprs, options) the "fwd" or "bwd" kernel is launched and compiled with."""
+        if kind not in ("fwd", "bwd"):
+            raise ValueError(f"launch: kind must be 'fwd' or 'bwd', got {kind!r}")
+        return ({"SINGLE_PASS": self.single_pass, "BLOCK_C": self.block_c, "BLOCK_HW": self.block_hw},
+                {"num_warps": self.num_warps})
 
 
 _MAX_TILE = 4096
@@ -519,10 +478,10 @@ def group_norm_fwd(x, weight, bias, scale, shift, num_groups: int, eps: float, a
     rstd = _empty((n, num_groups), x.device)
     if x.numel() == 0:
         return y, mean, rstd
-    kernel = _gn_fwd_single_kernel if cfg.single_pass else _gn_fwd_looped_kernel
+    const, options = cfg.launch("fwd")
     sc = scale if scale is not None else x
     sh = shift if shift is not None else x
-    launcher(kernel)[(n * num_groups,)](
+    launcher(_gn_fwd_kernel)[(n * num_groups,)](
         x, y,
         weight if weight is not None else mean, bias if bias is not None else mean, sc, sh,
         mean, rstd,
@@ -534,7 +493,7 @@ def group_norm_fwd(x, weight, bias, scale, shift, num_groups: int, eps: float, a
         float(eps),
         int(weight is not None), int(bias is not None), int(scale is not None), int(shift is not None),
         int(bool(act)),
-        BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps,
+        **const, **options,
     )
     return y, mean, rstd
 
@@ -545,7 +504,7 @@ def _sum_over_n(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if c == 0:
         return out
     launcher(_sum_over_n_kernel)[(triton.cdiv(c, _REDUCE_BLOCK),)](
-        part, out, n, c, BLOCK=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS)
+        part, out, n, c, BLOCK=_REDUCE_BLOCK, **compile_options(None, "reduce"))
     return out
 
 
@@ -584,10 +543,10 @@ def group_norm_bwd(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: in
     dw_part, db_part = part(weight is not None), part(bias is not None)
     dscale, dshift = part(scale is not None), part(shift is not None)
     if x.numel() > 0:
-        kernel = _gn_bwd_single_kernel if cfg.single_pass else _gn_bwd_looped_kernel
+        const, options = cfg.launch("bwd")
         sc = scale if scale is not None else x
         sh = shift if shift is not None else x
-        launcher(kernel)[(n * num_groups,)](
+        launcher(_gn_bwd_kernel)[(n * num_groups,)](
             dy, x, dx,
             weight if weight is not None else mean, bias if bias is not None else mean, sc, sh,
             mean, rstd,
@@ -600,7 +559,7 @@ def group_norm_bwd(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: in
             sh.stride(0), sh.stride(1) if sh.dim() > 1 else 0,
             int(weight is not None), int(bias is not None), int(scale is not None), int(shift is not None),
             int(bool(act)),
-            BLOCK_C=cfg.block_c, BLOCK_HW=cfg.block_hw, num_warps=cfg.num_warps,
+            **const, **options,
         )
     elif x.numel() == 0:
         for t in (dw_part, db_part, dscale, dshift):
@@ -622,7 +581,7 @@ def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype=
                      ones: tuple[str, ...] = ()):
     """(fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs))``.
 
-    kernel_kind: "fwd" / "bwd" (variant from ``cfg.single_pass``) or "reduce" (cfg ignored;
+    kernel_kind: "fwd" / "bwd" (constexprs from ``cfg.launch``) or "reduce" (cfg ignored;
     dtype is the parameter's output dtype). dtype: x's dtype ("fp32"/"fp16"/"bf16" or a torch
     dtype); param_dtype: weight/bias dtype (scale/shift take x's dtype); eps_dtype: "fp64" is what
     Inductor passes. Integer arguments are typed i32, as the JIT types them at these sizes;
@@ -635,17 +594,17 @@ def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype=
         return _sum_over_n_kernel, sig, {"BLOCK": _REDUCE_BLOCK}
     if cfg is None:
         raise ValueError("aot_compile_args: cfg is required for 'fwd' and 'bwd'")
-    const = {"BLOCK_C": cfg.block_c, "BLOCK_HW": cfg.block_hw}
+    const = cfg.launch(kernel_kind)[0] if kernel_kind in ("fwd", "bwd") else {}
     flags = {k: "i32" for k in _FLAGS}
     if kernel_kind == "fwd":
-        fn = _gn_fwd_single_kernel if cfg.single_pass else _gn_fwd_looped_kernel
+        fn = _gn_fwd_kernel
         sig = {"x_ptr": xd, "y_ptr": xd, "w_ptr": pd, "b_ptr": pd, "scale_ptr": xd, "shift_ptr": xd,
                "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "G": "i32", "CG": "i32", "HW": "i32"}
         for s in ("sx_n", "sx_c", "sx_hw", "sy_n", "sy_c", "sy_hw", "ss_n", "ss_c", "ssh_n", "ssh_c"):
             sig[s] = "i32"
         sig["eps"] = eps_dtype
     elif kernel_kind == "bwd":
-        fn = _gn_bwd_single_kernel if cfg.single_pass else _gn_bwd_looped_kernel
+        fn = _gn_bwd_kernel
         sig = {"dy_ptr": xd, "x_ptr": xd, "dx_ptr": xd, "w_ptr": pd, "b_ptr": pd, "scale_ptr": xd,
                "shift_ptr": xd, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32",
                "db_part_ptr": "*fp32", "dscale_ptr": "*fp32", "dshift_ptr": "*fp32",
@@ -656,7 +615,7 @@ def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype=
     else:
         raise ValueError(f"aot_compile_args: kernel_kind must be 'fwd', 'bwd' or 'reduce', got {kernel_kind!r}")
     sig.update(flags)
-    sig.update({"BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"})
+    sig.update({"SINGLE_PASS": "constexpr", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"})
     for name in ones:
         if sig.get(name) != "i32":
             raise ValueError(f"aot_compile_args: {name!r} is not an integer argument of the {kernel_kind} kernel")
