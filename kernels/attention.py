@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launcher
+from ._launch import aot_signature, launcher
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 _LN2 = 0.6931471805599453  # ln(2)
@@ -463,13 +463,12 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, config: AttnConfig | None =
 
 
 # ------------------------------------------------------------------------------------ AOT helpers
-_TL_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
-             torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-KERNEL_KINDS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
-
-
-def _strides(*prefixes: str) -> dict:
-    return {f"{p}_{a}": "i32" for p in prefixes for a in ("b", "h", "l", "d")}
+KERNELS = {"fwd": _attn_fwd_kernel, "bwd_preprocess": _attn_bwd_preprocess_kernel,
+           "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel}
+KERNEL_KINDS = tuple(KERNELS)
+# The dtype of each pointer argument of the kernels, by name: the inputs' ("x") or a fixed dtype.
+_POINTERS = {"q_ptr": "x", "k_ptr": "x", "v_ptr": "x", "o_ptr": "x", "do_ptr": "x", "dq_ptr": "x", "dk_ptr": "x",
+             "dv_ptr": "x", "lse_ptr": "fp32", "delta_ptr": "fp32"}
 
 
 def aot_compile_args(kernel_kind: str, cfg: AttnConfig, dtype, scale_dtype="fp32"):
@@ -477,29 +476,11 @@ def aot_compile_args(kernel_kind: str, cfg: AttnConfig, dtype, scale_dtype="fp32
 
     kernel_kind: one of KERNEL_KINDS. dtype: the inputs' dtype ("fp32"/"fp16"/"bf16" or a torch
     dtype). scale_dtype: "fp64" is what Inductor passes. Compile with the options of
-    ``cfg.launch(kernel_kind)[1]`` (num_warps, num_stages), as the launchers do. Integer arguments are
-    typed i32, as the JIT types them at these sizes.
+    ``cfg.launch(kernel_kind)[1]`` (num_warps, num_stages), as the launchers do.
     """
-    xd = "*" + _TL_DTYPE[dtype]
-    dims = {"H": "i32", "L": "i32", "D": "i32"}
-    if kernel_kind == "fwd":
-        fn = _attn_fwd_kernel
-        sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "o_ptr": xd, "lse_ptr": "*fp32",
-               **_strides("sq", "sk", "sv", "so"), **dims, "scale": scale_dtype}
-    elif kernel_kind == "bwd_preprocess":
-        fn = _attn_bwd_preprocess_kernel
-        sig = {"o_ptr": xd, "do_ptr": xd, "delta_ptr": "*fp32", **_strides("so", "sdo"), **dims}
-    elif kernel_kind == "bwd_dkdv":
-        fn = _attn_bwd_dkdv_kernel
-        sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "do_ptr": xd, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-               "dk_ptr": xd, "dv_ptr": xd, **_strides("sq", "sk", "sv", "sdo", "sdk", "sdv"), **dims,
-               "scale": scale_dtype}
-    elif kernel_kind == "bwd_dq":
-        fn = _attn_bwd_dq_kernel
-        sig = {"q_ptr": xd, "k_ptr": xd, "v_ptr": xd, "do_ptr": xd, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-               "dq_ptr": xd, **_strides("sq", "sk", "sv", "sdo", "sdq"), **dims, "scale": scale_dtype}
-    else:
+    if kernel_kind not in KERNELS:
         raise ValueError(f"aot_compile_args: kernel_kind must be one of {KERNEL_KINDS}, got {kernel_kind!r}")
-    const = cfg.launch(kernel_kind)[0]
-    sig.update({name: "constexpr" for name in const})
+    pointers = {name: dtype if source == "x" else source for name, source in _POINTERS.items()}
+    fn = KERNELS[kernel_kind]
+    sig, const = aot_signature(fn, pointers, cfg.launch(kernel_kind)[0], scalars={"scale": scale_dtype})
     return fn, sig, const

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import compile_options, launcher
+from ._launch import aot_signature, compile_options, launcher
 
 _FLAGS = ["has_w", "has_b", "has_scale", "has_shift", "act"]
 
@@ -573,51 +573,38 @@ def group_norm_bwd(dy, x, weight, bias, scale, shift, mean, rstd, num_groups: in
 
 
 # ------------------------------------------------------------------------------------ AOT helpers
-_TL_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16",
-             torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNELS = {"fwd": _gn_fwd_kernel, "bwd": _gn_bwd_kernel, "reduce": _sum_over_n_kernel}
+# The dtype of each pointer argument of the kernels, by name: the tensor it takes its dtype from
+# (aot_compile_args' arguments: "x", "weight", "bias", "scale", "shift"), or a fixed dtype.
+_POINTERS = {"x_ptr": "x", "y_ptr": "x", "dy_ptr": "x", "dx_ptr": "x", "out_ptr": "x",
+             "w_ptr": "weight", "b_ptr": "bias", "scale_ptr": "scale", "shift_ptr": "shift",
+             "mean_ptr": "fp32", "rstd_ptr": "fp32", "dw_part_ptr": "fp32", "db_part_ptr": "fp32",
+             "dscale_ptr": "fp32", "dshift_ptr": "fp32", "part_ptr": "fp32"}
 
 
-def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, param_dtype="fp32", eps_dtype="fp32",
-                     ones: tuple[str, ...] = ()):
+def aot_compile_args(kernel_kind: str, cfg: GNConfig | None, dtype, weight_dtype="fp32", bias_dtype=None,
+                     scale_dtype=None, shift_dtype=None, eps_dtype="fp32", ones: tuple[str, ...] = ()):
     """(fn, signature, constexprs) for ``triton.compile(ASTSource(fn, signature, constexprs))``.
 
-    kernel_kind: "fwd" / "bwd" (constexprs from ``cfg.launch``) or "reduce" (cfg ignored;
-    dtype is the parameter's output dtype). dtype: x's dtype ("fp32"/"fp16"/"bf16" or a torch
-    dtype); param_dtype: weight/bias dtype (scale/shift take x's dtype); eps_dtype: "fp64" is what
-    Inductor passes. Integer arguments are typed i32, as the JIT types them at these sizes;
-    ``ones`` names integer arguments compiled as the constant 1 instead, as Triton <= 3.6's JIT
-    specializes an integer argument equal to 1 (one-element groups: CG = HW = 1; unit strides).
+    kernel_kind: "fwd" / "bwd" (compiled with ``cfg.launch(kind)``) or "reduce" (cfg ignored;
+    ``dtype`` is then the parameter gradient's). dtype: x's (and y's, dy's, dx's), "fp32" /
+    "fp16" / "bf16" or a torch dtype. weight_dtype; bias_dtype (default: weight's); scale_dtype
+    (default: x's); shift_dtype (default: scale's); eps_dtype: "fp64" is what Inductor passes.
+    ``ones`` names integer arguments compiled as the constant 1, as Triton <= 3.6's JIT
+    specializes an int equal to 1 (one-element groups: CG = HW = 1; unit strides).
     """
-    xd, pd = "*" + _TL_DTYPE[dtype], "*" + _TL_DTYPE[param_dtype]
+    if kernel_kind not in KERNELS:
+        raise ValueError(f"aot_compile_args: kernel_kind must be one of {tuple(KERNELS)}, got {kernel_kind!r}")
     if kernel_kind == "reduce":
-        sig = {"part_ptr": "*fp32", "out_ptr": xd, "N": "i32", "C": "i32", "BLOCK": "constexpr"}
-        return _sum_over_n_kernel, sig, {"BLOCK": _REDUCE_BLOCK}
-    if cfg is None:
+        const = {"BLOCK": _REDUCE_BLOCK}
+    elif cfg is None:
         raise ValueError("aot_compile_args: cfg is required for 'fwd' and 'bwd'")
-    const = cfg.launch(kernel_kind)[0] if kernel_kind in ("fwd", "bwd") else {}
-    flags = {k: "i32" for k in _FLAGS}
-    if kernel_kind == "fwd":
-        fn = _gn_fwd_kernel
-        sig = {"x_ptr": xd, "y_ptr": xd, "w_ptr": pd, "b_ptr": pd, "scale_ptr": xd, "shift_ptr": xd,
-               "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "G": "i32", "CG": "i32", "HW": "i32"}
-        for s in ("sx_n", "sx_c", "sx_hw", "sy_n", "sy_c", "sy_hw", "ss_n", "ss_c", "ssh_n", "ssh_c"):
-            sig[s] = "i32"
-        sig["eps"] = eps_dtype
-    elif kernel_kind == "bwd":
-        fn = _gn_bwd_kernel
-        sig = {"dy_ptr": xd, "x_ptr": xd, "dx_ptr": xd, "w_ptr": pd, "b_ptr": pd, "scale_ptr": xd,
-               "shift_ptr": xd, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dw_part_ptr": "*fp32",
-               "db_part_ptr": "*fp32", "dscale_ptr": "*fp32", "dshift_ptr": "*fp32",
-               "C": "i32", "G": "i32", "CG": "i32", "HW": "i32"}
-        for s in ("sdy_n", "sdy_c", "sdy_hw", "sx_n", "sx_c", "sx_hw", "sdx_n", "sdx_c", "sdx_hw",
-                  "ss_n", "ss_c", "ssh_n", "ssh_c"):
-            sig[s] = "i32"
     else:
-        raise ValueError(f"aot_compile_args: kernel_kind must be 'fwd', 'bwd' or 'reduce', got {kernel_kind!r}")
-    sig.update(flags)
-    sig.update({"SINGLE_PASS": "constexpr", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"})
-    for name in ones:
-        if sig.get(name) != "i32":
-            raise ValueError(f"aot_compile_args: {name!r} is not an integer argument of the {kernel_kind} kernel")
-        sig[name], const[name] = "constexpr", 1
+        const = cfg.launch(kernel_kind)[0]
+    scale_dtype = scale_dtype or dtype
+    dtypes = {"x": dtype, "weight": weight_dtype, "bias": bias_dtype or weight_dtype, "scale": scale_dtype,
+              "shift": shift_dtype or scale_dtype}
+    pointers = {name: dtypes.get(source, source) for name, source in _POINTERS.items()}
+    fn = KERNELS[kernel_kind]
+    sig, const = aot_signature(fn, pointers, const, scalars={"eps": eps_dtype}, ones=ones)
     return fn, sig, const
