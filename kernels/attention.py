@@ -1,4 +1,4 @@
-"""Flash-style non-causal softmax attention for UNet shapes: Triton kernels and launchers (issue 4).
+"""Flash-style non-causal softmax attention for UNet shapes: Triton kernels and launchers.
 
 q, k, v, do: (B, H, L, D) with any strides (e.g. strided views of a packed qkv tensor; never
 copied). One program per (query block, b * h) in the forward; scores in fp32 with an online
@@ -40,8 +40,9 @@ import triton.language as tl
 
 from ._launch import aot_signature, launcher
 
-_LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
-_LN2 = 0.6931471805599453  # ln(2)
+# Scores are kept in log2 units inside the kernels (exp2 is one instruction): exp(x) = exp2(x * log2(e)).
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+_LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * ln(2)
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -73,7 +74,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < L
     d_mask = offs_d < D
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # scores in log2 units
+    qk_scale = tl.cast(scale, tl.float32) * _LOG2E  # scores in log2 units
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -101,7 +102,7 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_l + offs_d[None, :] * so_d,
              acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    lse = (m_i + tl.log2(l_i)) * _LN2  # back to natural log
     tl.store(lse_ptr + pid_bh.to(tl.int64) * L + offs_m, lse, mask=m_mask)
 
 
@@ -168,7 +169,7 @@ def _attn_bwd_dkdv_kernel(
     d_mask = offs_d < D
     kv_mask = n_mask[:, None] & d_mask[None, :]
     sc = tl.cast(scale, tl.float32)
-    qk_scale = sc * 1.4426950408889634
+    qk_scale = sc * _LOG2E
 
     k = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_l + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + b * sv_b + h * sv_h + offs_n[:, None] * sv_l + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
@@ -183,7 +184,7 @@ def _attn_bwd_dkdv_kernel(
         qm_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(q_base + (m0 + offs_m)[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qm_mask, other=0.0)
         do = tl.load(do_base + (m0 + offs_m)[:, None] * sdo_l + offs_d[None, :] * sdo_d, mask=qm_mask, other=0.0)
-        lse = tl.load(lse_ptr + row_base + m0 + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+        lse = tl.load(lse_ptr + row_base + m0 + offs_m, mask=m_mask, other=0.0) * _LOG2E
         delta = tl.load(delta_ptr + row_base + m0 + offs_m, mask=m_mask, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale  # S^T, [BLOCK_N, BLOCK_M], log2 units
         p_t = tl.exp2(s_t - lse[None, :])
@@ -232,13 +233,13 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < D
     qm_mask = m_mask[:, None] & d_mask[None, :]
     sc = tl.cast(scale, tl.float32)
-    qk_scale = sc * 1.4426950408889634
+    qk_scale = sc * _LOG2E
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_l + offs_d[None, :] * sq_d, mask=qm_mask, other=0.0)
     do = tl.load(do_ptr + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_l + offs_d[None, :] * sdo_d, mask=qm_mask,
                  other=0.0)
     row_base = pid_bh.to(tl.int64) * L
-    lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
@@ -278,8 +279,8 @@ class AttnConfig:
 
     @property
     def preprocess_warps(self) -> int:
-        """Warps of the row-sum preprocess kernel: 16 elements of o and of do per thread (ptxas
-        spilled the fp16 tile at 32 per thread: 4 warps at D = 64, 8 at D = 128)."""
+        """Warps of the row-sum preprocess kernel: 16 elements of o and of do per thread (4 warps at
+        D = 64, 8 at D = 128); at 32 per thread the fp16 tile spills registers."""
         return max(4, min(16, self.block_m * self.block_d // (32 * 16)))
 
     def launch(self, kind: str) -> tuple[dict, dict]:
@@ -294,17 +295,17 @@ class AttnConfig:
                 {"num_warps": self.num_warps, "num_stages": self.num_stages})
 
 
-# Keyed by block_d; sized so fwd and bwd fit sm_80's 163 KiB of shared memory in fp32 too
-# (checked by the AOT compile test), and so the bf16/fp16 kernels at D = 32, 64, 128 spill no
-# register on sm_80 or sm_90 with Triton 3.8 (ptxas -v, tests/kernels/test_kernel_resources.py): at
-# D = 64 the dkdv kernel steps 32 query rows at a time (64 used all 255 registers and spilled 48
-# bytes on sm_80); D = 128 runs 8 warps. With Triton 3.6 (the H200 machine's) D = 64 still spills
-# 48-64 bytes on sm_80 (not on sm_90): the README's version matrix says so.
+# Keyed by block_d. Sized so that fwd and bwd fit sm_80's 163 KiB of shared memory in fp32 too
+# (the AOT compile test checks it), and so that the bf16/fp16 kernels at D = 32, 64, 128 spill no
+# register on sm_80 or sm_90 with Triton 3.8 (ptxas -v: tests/kernels/test_kernel_resources.py).
+# At D = 64 the dkdv kernel steps 32 query rows at a time: 64 rows need more than a thread's 255
+# registers on sm_80. Triton 3.6 (the H200 machine's) still spills 48-64 bytes there on sm_80, not
+# on sm_90 (the README's version matrix).
 _MENU: dict[int, AttnConfig] = {
     16: AttnConfig(64, 64, 16, 4, 2),
     32: AttnConfig(64, 64, 32, 4, 2),
     64: AttnConfig(64, 64, 64, 4, 2, dkdv_block_m=32),
-    128: AttnConfig(64, 32, 128, 8, 2),  # 4 warps spilled 4-624 bytes with Triton 3.6
+    128: AttnConfig(64, 32, 128, 8, 2),  # 8 warps: with 4, Triton 3.6 spills
     256: AttnConfig(32, 32, 256, 4, 1),
 }
 ALL_CONFIGS: tuple[AttnConfig, ...] = tuple(_MENU.values())  # every config pick_config can return

@@ -1,4 +1,4 @@
-"""Fused GroupNorm -> FiLM scale/shift -> optional SiLU: Triton kernels and launchers (issue 3).
+"""Fused GroupNorm -> FiLM scale/shift -> optional SiLU: Triton kernels and launchers.
 
 Forward, per sample n and group g (statistics over the group's C/G channels x H x W, fp32)::
 

@@ -6,10 +6,9 @@ tensor-core tiles that trade occupancy for registers, as FlashAttention-2 does (
 on an A100), and two 4-warp programs per SM is what their 200-255 registers allow. GroupNorm is
 memory-bound: most picked configs reach 16-32 warps, but the looped kernels (groups larger than
 one 4096-element tile: the CIFAR preset's 512-channel decoder norms) hold 170-200 registers a
-thread and sit at one 8-warp program per SM; smaller chunks or more warps did not lower that
-(tried: 2048-element chunks in 4 or 8 warps, 4096 in 16 warps, which spilled). The floor guards
-that level (a program of 4 warps alone would halve the loads in flight) and BENCHMARKS.md lists
-the gap; raising it needs a GPU to measure the looped kernels' rework."""
+thread and sit at one 8-warp program per SM: 2048-element chunks need as many registers, and 16
+warps over a 4096-element chunk spill. The floor guards that level (a program of 4 warps alone
+would halve the loads in flight); BENCHMARKS.md lists the gap."""
 from __future__ import annotations
 
 import sys
