@@ -326,46 +326,8 @@ def pick_config(L: int, D: int) -> AttnConfig:
     return _MENU[_block_d(D)]
 
 
-# ------------------------------------------------------------------------------------ checks
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535  # grid = (blocks along L, B * H): query blocks of one (b, h) run adjacent (K/V stay in L2)
-
-
-def _check_qkv(fn: str, **tensors) -> tuple[int, int, int, int]:
-    """q, k, v (and do, o): 4-D float tensors of one shape, dtype and device. Returns (B, H, L, D)."""
-    first_name, first = next(iter(tensors.items()))
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{fn}: {name} must be float32/float16/bfloat16, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-        if t is first:
-            continue
-        if t.shape != first.shape:
-            raise ValueError(f"{fn}: {name} shape {tuple(t.shape)} must equal {first_name} shape "
-                             f"{tuple(first.shape)}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{fn}: {name} dtype {t.dtype} must equal {first_name} dtype {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}")
-    b, h, l, d = first.shape
-    if b * h > _MAX_GRID_Y:
-        raise ValueError(f"{fn}: B * H = {b * h} exceeds {_MAX_GRID_Y} (the CUDA grid's y limit; b * h is grid axis 1)")
-    if l < 1:
-        raise ValueError(f"{fn}: sequence length L={l} must be >= 1")
-    if not D_MIN <= d <= D_MAX:
-        raise ValueError(f"{fn}: head dim D={d} must be in [{D_MIN}, {D_MAX}]")
-    return b, h, l, d
-
-
-def _check_scale(fn: str, scale) -> float:
-    if not isinstance(scale, (float, int)) or isinstance(scale, bool):
-        raise TypeError(f"{fn}: scale must be a float, got {type(scale).__name__}")
-    return float(scale)
-
-
+# ------------------------------------------------------------------------------------ launchers
+# Inputs are valid: jdm_fast.ops.attention checks them, once, with messages for users.
 def _config(fn: str, config: AttnConfig | None, L: int, D: int) -> AttnConfig:
     if config is None:
         return pick_config(L, D)
@@ -380,7 +342,6 @@ def _config(fn: str, config: AttnConfig | None, L: int, D: int) -> AttnConfig:
     return config
 
 
-# ------------------------------------------------------------------------------------ launchers
 # Every output buffer comes from this function, so tests can poison (NaN-fill) them.
 def _empty(shape: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
@@ -397,13 +358,11 @@ def attention_fwd(q, k, v, scale: float, config: AttnConfig | None = None):
     """Forward. Returns (o (B, H, L, D) in q's dtype, lse (B, H, L) fp32 natural log); o is
     contiguous, or (B, L, H, D) in memory when q is token-major (``token_major``).
 
-    q, k, v: (B, H, L, D), one shape / dtype (fp32, fp16, bf16) / device, any strides.
-    ``config`` forces a launch config (tests).
+    q, k, v: (B, H, L, D), one shape / dtype (fp32, fp16, bf16) / device, any strides; L >= 1,
+    16 <= D <= 256, B * H within the grid's axis 1 (65,535). ``config`` forces a launch config (tests).
     """
-    fn = "attention_fwd"
-    B, H, L, D = _check_qkv(fn, q=q, k=k, v=v)
-    scale = _check_scale(fn, scale)
-    cfg = _config(fn, config, L, D)
+    B, H, L, D = q.shape
+    cfg = _config("attention_fwd", config, L, D)
     if token_major(q):
         o = _empty((B, L, H, D), q.device, q.dtype).transpose(1, 2)
     else:
@@ -411,13 +370,12 @@ def attention_fwd(q, k, v, scale: float, config: AttnConfig | None = None):
     lse = _empty((B, H, L), q.device)
     if B * H == 0:
         return o, lse
-    grid = (triton.cdiv(L, cfg.block_m), B * H)
+    grid = (triton.cdiv(L, cfg.block_m), B * H)  # query blocks of one (b, h) run adjacent: K/V stay in L2
+    const, options = cfg.launch("fwd")
     launcher(_attn_fwd_kernel)[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, L, D, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        H, L, D, scale, **const, **options,
     )
     return o, lse
 
@@ -428,37 +386,30 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, config: AttnConfig | None =
     do, q, k, v, o: (B, H, L, D), one shape / dtype / device, any strides; lse: the forward's
     (B, H, L) fp32 (any strides: made contiguous if needed, a no-op for the forward's output).
     """
-    fn = "attention_bwd"
-    B, H, L, D = _check_qkv(fn, q=q, k=k, v=v, do=do, o=o)
-    scale = _check_scale(fn, scale)
-    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, L):
-        raise ValueError(f"{fn}: lse must be a float32 tensor of shape ({B}, {H}, {L}), got "
-                         f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    if lse.device != q.device:
-        raise ValueError(f"{fn}: lse is on {lse.device} but q is on {q.device}")
+    B, H, L, D = q.shape
     lse = lse.contiguous()
-    cfg = _config(fn, config, L, D)
+    cfg = _config("attention_bwd", config, L, D)
     dq = _empty((B, H, L, D), q.device, q.dtype)
     dk = _empty((B, H, L, D), q.device, q.dtype)
     dv = _empty((B, H, L, D), q.device, q.dtype)
     if B * H == 0:
         return dq, dk, dv
     delta = _empty((B, H, L), q.device)
-    const, opts = cfg.launch("bwd_preprocess")
+    const, options = cfg.launch("bwd_preprocess")
     launcher(_attn_bwd_preprocess_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, L, D, **const, **opts,
+        o, do, delta, *o.stride(), *do.stride(), H, L, D, **const, **options,
     )
-    const, opts = cfg.launch("bwd_dkdv")
+    const, options = cfg.launch("bwd_dkdv")
     launcher(_attn_bwd_dkdv_kernel)[(triton.cdiv(L, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, L, D, scale, **const, **opts,
+        H, L, D, scale, **const, **options,
     )
-    const, opts = cfg.launch("bwd_dq")
+    const, options = cfg.launch("bwd_dq")
     launcher(_attn_bwd_dq_kernel)[(triton.cdiv(L, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, L, D, scale, **const, **opts,
+        H, L, D, scale, **const, **options,
     )
     return dq, dk, dv
 

@@ -154,3 +154,56 @@ def test_bad_inputs():
         attention(q, q, q.to("meta"))
     with pytest.raises(TypeError, match="floating"):
         attention(q.int(), q.int(), q.int())
+
+
+# The kernels' launchers trust their inputs: the op checks them, for every backend or where it
+# chooses the Triton kernels, and the message names the argument.
+@pytest.mark.parametrize("case,triton_only,exc,match", [
+    ("q3d", False, ValueError, r"q must be \(B, H, L, D\)"),
+    ("k_shape", False, ValueError, "q, k, v must have equal shapes"),
+    ("v_dtype", False, TypeError, "share a dtype"),
+    ("v_device", False, ValueError, "different devices"),
+    ("d_large", False, ValueError, "D=320 exceeds"),
+    ("scale_type", False, TypeError, "scale must be a float or None, got str"),
+    ("scale_bool", False, TypeError, "scale must be a float or None, got bool"),
+    ("float64", True, TypeError, "q, k, v must be float32/float16/bfloat16 for the Triton kernels"),
+    ("grid_y", True, ValueError, r"B \* H = 65536 exceeds 65535"),
+])
+def test_bad_inputs_are_caught_at_the_op(case, triton_only, exc, match):
+    if triton_only and not HAS_TRITON_DEVICE:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py)")
+    q, k, v = (torch.randn(2, 2, 8, 32, device=DEVICE) for _ in range(3))
+    args = dict(q=q, k=k, v=v, scale=0.1)
+    if case == "q3d":
+        args["q"] = q[0]
+    elif case == "k_shape":
+        args["k"] = k[:, :, :4]
+    elif case == "v_dtype":
+        args["v"] = v.half()
+    elif case == "v_device":
+        args["v"] = torch.empty(v.shape, device="meta")
+    elif case == "d_large":
+        args.update(zip("qkv", (torch.randn(2, 2, 8, 320, device=DEVICE) for _ in range(3))))
+    elif case == "scale_type":
+        args["scale"] = "0.1"
+    elif case == "scale_bool":
+        args["scale"] = True
+    elif case == "float64":
+        args.update(q=q.double(), k=k.double(), v=v.double())
+    elif case == "grid_y":
+        args.update(zip("qkv", (torch.zeros(65536, 1, 1, 16, device=DEVICE) for _ in range(3))))
+    with backend("triton" if triton_only else "reference"), pytest.raises(exc, match=match):
+        attention(**args)
+
+
+@needs_triton
+def test_empty_sequences_and_numpy_scales_run():
+    """L = 0 never reaches the kernels (nothing to launch); any real number is a scale."""
+    np = pytest.importorskip("numpy")
+    q = torch.randn(2, 2, 0, 16, device=DEVICE)
+    with backend("triton"):
+        assert attention(q, q, q).shape == (2, 2, 0, 16)
+        _, (q, k, v) = _qkv(1, 2, 5, 16, packed=False)
+        out = attention(q, k, v, scale=np.float32(0.25))
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 0.25, -1) @ v.double()
+    assert (out.double() - ref).abs().max() < 1e-5

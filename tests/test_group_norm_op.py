@@ -174,6 +174,70 @@ def test_bad_inputs_name_the_argument():
         group_norm_silu(x, 3, bias=torch.ones(6, dtype=torch.long))
 
 
+# The kernels' launchers trust their inputs: the op checks them, for every backend or where it
+# chooses the Triton kernels, and the message names the argument.
+@pytest.mark.parametrize("case,triton_only,exc,match", [
+    ("x1d", False, ValueError, r"x must be \(N, C, ...\)"),
+    ("groups0", False, ValueError, "num_groups must be a positive int, got 0"),
+    ("groups_bool", False, ValueError, "num_groups must be a positive int, got True"),
+    ("shift_shape", False, ValueError, r"shift must have shape \(2, 8\)"),
+    ("eps", False, ValueError, "eps must be a finite number > 0"),
+    ("x_float64", True, TypeError, "x must be float32/float16/bfloat16"),
+    ("bias_float64", True, TypeError, "bias must be float32/float16/bfloat16"),
+    ("scale_float64", True, TypeError, "scale must be float32/float16/bfloat16"),
+])
+def test_bad_inputs_are_caught_at_the_op(case, triton_only, exc, match):
+    if triton_only and not HAS_TRITON_DEVICE:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py)")
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    args = dict(x=x, num_groups=4, weight=torch.ones(8, device=DEVICE), bias=torch.zeros(8, device=DEVICE), eps=1e-5)
+    if case == "x1d":
+        args["x"] = torch.randn(8, device=DEVICE)
+    elif case == "groups0":
+        args["num_groups"] = 0
+    elif case == "groups_bool":
+        args["num_groups"] = True
+    elif case == "shift_shape":
+        args["shift"] = torch.zeros(2, 8, 2, device=DEVICE)
+    elif case == "eps":
+        args["eps"] = float("nan")
+    elif case == "x_float64":
+        args.update(x=x.double(), weight=None, bias=None)
+    elif case == "bias_float64":
+        args["bias"] = args["bias"].double()
+    elif case == "scale_float64":
+        args["scale"] = torch.zeros(2, 8, device=DEVICE, dtype=torch.float64)
+    with backend("triton" if triton_only else "reference"), pytest.raises(exc, match=match):
+        group_norm_silu(**args)
+
+
+@needs_triton
+def test_layouts_the_kernels_do_not_take_are_prepared_by_the_op():
+    """Strides the kernels cannot read (H and W that do not flatten to one stride, a strided
+    weight view) are copied by the op, never passed on: same values as the reference."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, 5, 3, generator=g).to(DEVICE).transpose(2, 3)  # (2, 8, 3, 5), stride(2) = 1
+    w = torch.randn(16, generator=g).to(DEVICE)[::2]  # a view of stride 2
+    b = torch.randn(8, generator=g).to(DEVICE)
+    s = torch.randn(2, 8, generator=g).to(DEVICE) * 0.5
+    ys = {}
+    for name in ("triton", "reference"):
+        with backend(name):
+            ys[name] = group_norm_silu(x, 4, w, b, scale=s)
+    torch.testing.assert_close(ys["triton"], ys["reference"], rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_backward_with_an_upstream_gradient_of_another_layout():
+    """The op gives dy x's layout before the backward kernel (which needs H, W flattened)."""
+    inputs = _inputs((2, 8, 5, 5), 4, layout=torch.channels_last)
+    dy = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE).transpose(2, 3)
+    _, g_t = _run("triton", inputs, 4, "silu", dy)
+    _, g_r = _run("reference", inputs, 4, "silu", dy)
+    for name, a, b in zip(("x", "weight", "bias", "scale", "shift"), g_t, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @needs_triton
 def test_transposed_sequence_input_runs_in_place():
     """(B, L, C).transpose(1, 2), as diffusers' attention hands its GroupNorm: viewed as (B, C, L, 1)

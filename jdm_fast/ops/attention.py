@@ -11,6 +11,7 @@ Two implementations, chosen per call by ``jdm_fast.ops.backends.use_triton``:
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -25,6 +26,9 @@ MIN_TRITON_HEAD_DIM = 16
 # (gpu_check, 2026-12-01) our kernels were 2.2x faster than the best SDPA backend forward and 1.2x
 # forward+backward at L = 256, but 0.75x / 0.43x at L = 64 (too few query blocks to fill the GPU).
 MIN_TRITON_SEQ = 128
+# The kernels launch a (query blocks, B * H) grid: B * H is bounded by CUDA's grid y limit.
+MAX_TRITON_BATCH_HEADS = 65535
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned_small_d = False
 
 
@@ -48,6 +52,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"attention: head dim D must be >= 1, got shape {tuple(q.shape)}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim D={q.shape[-1]} exceeds the supported maximum {MAX_HEAD_DIM}")
+
+
+def _check_triton(q: torch.Tensor) -> None:
+    """What the Triton kernels need beyond ``_check``: checked where the op chooses them."""
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"attention: q, k, v must be float32/float16/bfloat16 for the Triton kernels, got "
+                        f"{q.dtype} (backend('reference') runs any floating dtype)")
+    if q.shape[0] * q.shape[1] > MAX_TRITON_BATCH_HEADS:
+        raise ValueError(f"attention: B * H = {q.shape[0] * q.shape[1]} exceeds {MAX_TRITON_BATCH_HEADS}, the "
+                         "Triton kernels' limit (B * H is the CUDA grid's y axis)")
 
 
 @triton_op("jdm_fast::attention_fwd", mutates_args=())
@@ -114,6 +128,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     global _warned_small_d
     _check(q, k, v)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     d = q.shape[-1]
     scale = float(d ** -0.5 if scale is None else scale)
     if not use_triton(q.device, "attention") or q.numel() == 0:
@@ -130,5 +146,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         # SDPA's fused backends need a unit head-dim stride (the channels-last path's views have it)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    _check_triton(q)
     out, _ = _fwd(q, k, v, scale)
     return out

@@ -24,6 +24,7 @@ from jdm_fast.ops.backends import current_backend, use_triton
 from jdm_fast.ops.noise import HAS_C
 
 ACTIVATIONS = ("silu", None)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _film(name: str, t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -48,6 +49,15 @@ def _affine(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
         raise ValueError(f"group_norm_silu: {name} must have shape ({x.shape[1]},), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_triton(**tensors: torch.Tensor | None) -> None:
+    """What the Triton kernels need beyond the checks every backend makes: checked where the op
+    chooses them (the kernels' launchers trust their inputs)."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"group_norm_silu: {name} must be float32/float16/bfloat16 for the Triton kernels, "
+                            f"got {t.dtype} (backend('reference') runs any floating dtype)")
 
 
 def reference(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, shift=None, activation="silu"):
@@ -168,7 +178,9 @@ def group_norm_silu(
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x must be (N, C, ...), got shape {tuple(x.shape)}")
     c = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+    if c % num_groups:
         raise ValueError(f"group_norm_silu: num_channels={c} must be divisible by num_groups={num_groups}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"group_norm_silu: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -181,6 +193,9 @@ def group_norm_silu(
     cpu_kernel = not triton and HAS_C and x.device.type == "cpu" and current_backend() == "auto"
     if not (triton or cpu_kernel) or x.numel() == 0:
         return reference(x, num_groups, weight, bias, eps, scale, shift, activation)
+    if triton:
+        _check_triton(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
+        weight, bias = (t if t is None else t.contiguous() for t in (weight, bias))  # the kernels read (C,) densely
     x4 = x if x.dim() == 4 else x.reshape(x.shape[0], c, -1, 1)  # (N, C, L) / 5-D: flatten space
     if not (x4.is_contiguous() or x4.is_contiguous(memory_format=torch.channels_last)):
         x4 = x4.contiguous()  # an unusual layout: one copy, then the kernel's NCHW path
