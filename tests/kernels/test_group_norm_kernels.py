@@ -89,7 +89,14 @@ def make_inputs(shape, dtype, channels_last, film, affine=(True, True), seed=0):
 
 
 def check(shape, groups, dtype, channels_last, film, act, config=None, affine=(True, True)):
-    x, w, b, s, sh, dy = make_inputs(shape, dtype, channels_last, film, affine)
+    check_inputs(*make_inputs(shape, dtype, channels_last, film, affine), groups, act, config)
+
+
+def check_inputs(x, w, b, s, sh, dy, groups, act, config=None):
+    """Forward and every gradient of the launchers against the float64 reference: y, the
+    statistics and dx within the tolerance of x's dtype, each parameter gradient within that of
+    its own dtype (TOL; an fp32 dscale of fp16 x is fp32 math on exact inputs)."""
+    shape, dtype = tuple(x.shape), x.dtype
     y, mean, rstd = group_norm_fwd(x, w, b, s, sh, groups, EPS, act, config=config)
     grads = group_norm_bwd(dy, x, w, b, s, sh, mean, rstd, groups, act, config=config)
 
@@ -98,13 +105,11 @@ def check(shape, groups, dtype, channels_last, film, act, config=None, affine=(T
     yr, mr, rr, xhat = reference(xr, wr, br, sr, shr, groups, act)
     yr.backward(dy.cpu().double())
 
-    tol = TOL[dtype]
     assert y.dtype == x.dtype and y.shape == x.shape
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (shape[0], groups)
-    if channels_last:
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    assert y.stride() == x.stride() and grads[0].stride() == x.stride()  # x's layout: NCHW or channels_last
     errs = {"y": rel_err(y, yr), "mean": rel_err(mean, mr), "rstd": rel_err(rstd, rr)}
+    tols = dict.fromkeys(errs, TOL[dtype])
     for name, got, inp, ref in zip(("dx", "dweight", "dbias", "dscale", "dshift"), grads,
                                    (x, w, b, s, sh), (xr, wr, br, sr, shr)):
         if inp is None:
@@ -118,8 +123,9 @@ def check(shape, groups, dtype, channels_last, film, act, config=None, affine=(T
             terms = rr.detach().repeat_interleave(shape[1] // groups, 1)[:, :, None, None] * xhat.grad.abs()
             scale = max(ref.grad.abs().max().item(), terms.max().item())
         errs[name] = rel_err(got, ref.grad, scale)
-    bad = {k: v for k, v in errs.items() if not v <= tol}
-    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
+        tols[name] = TOL[dtype] if name == "dx" else TOL[got.dtype]
+    bad = {k: (v, tols[k]) for k, v in errs.items() if not v <= tols[k]}
+    assert not bad, f"errors above their tolerance (error, tol): {bad} (all: {errs})"
 
 
 # ------------------------------------------------------------------------------ parity
@@ -166,9 +172,15 @@ def test_parity_subset(shape, groups, dtype, channels_last, film, act, path):
     check(shape, groups, dtype, channels_last, film, act, auto if path == "auto" else looped_config(cg, hw))
 
 
-def test_large_group_picks_looped_and_matches():
-    assert not pick_config(16, 64 * 64).single_pass
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_large_group_picks_looped_and_matches(dtype):
+    """A group just over one 4096-element tile (4 channels x 33 x 33) gets the looped config, whose
+    last HW chunk is partial; what the launcher then computes (config=None) matches float64."""
     assert pick_config(4, 8 * 8).single_pass
+    assert not pick_config(16, 64 * 64).single_pass
+    cfg = pick_config(4, 33 * 33)
+    assert not cfg.single_pass and (33 * 33) % cfg.block_hw
+    check((2, 8, 33, 33), 2, dtype, False, True, True, config=None)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -178,17 +190,15 @@ def test_parity_absent_affine(affine, path):
     check((2, 16, 7, 7), 4, torch.float32, False, True, True, cfg, affine=affine)
 
 
-def test_scale_shift_of_other_dtype_and_expanded_strides():
-    """fp16 x with fp32 scale/shift, shift a stride-0 broadcast over N."""
+@pytest.mark.parametrize("path", PATHS)
+def test_scale_shift_of_other_dtype_and_expanded_strides(path):
+    """fp16 x with fp32 scale/shift, shift a stride-0 broadcast over N: forward and every gradient
+    (dscale/dshift in fp32, their inputs' dtype) against float64."""
     x, w, b, _, _, dy = make_inputs((2, 8, 5, 5), torch.float16, False, False)
-    s = torch.randn(2, 8, device=DEVICE)
-    sh = torch.randn(1, 8, device=DEVICE).expand(2, 8)
-    y, mean, rstd = group_norm_fwd(x, w, b, s, sh, 2, EPS, True)
-    yr, _, _, _ = reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), s.double().cpu(),
-                         sh.double().cpu(), 2, True)
-    assert rel_err(y, yr) <= TOL[torch.float16]
-    _, _, _, ds, dsh = group_norm_bwd(dy, x, w, b, s, sh, mean, rstd, 2, True)
-    assert ds.dtype == dsh.dtype == torch.float32 and ds.shape == dsh.shape == (2, 8)
+    g = torch.Generator().manual_seed(5)
+    s = (0.5 * torch.randn(2, 8, generator=g)).to(DEVICE)
+    sh = torch.randn(1, 8, generator=g).to(DEVICE).expand(2, 8)
+    check_inputs(x, w, b, s, sh, dy, 2, True, None if path == "auto" else looped_config(4, 25))
 
 
 def test_large_mean_is_numerically_safe():
@@ -275,3 +285,31 @@ def test_aot_compile_every_kernel_config_dtype_and_target(aot_compile):
     records = aot_compile("jdm_fast.kernels.group_norm", jobs)
     assert len(records) == len(jobs)
 
+
+# Dtypes of (x, weight, bias, scale, shift) for the mixed-dtype compiles: every pair of these five
+# pointers meets every pair of dtypes in some row (a strength-2 covering array, checked below).
+PAIRWISE_ROWS = ((0, 0, 2, 1, 1), (0, 1, 1, 0, 0), (1, 2, 0, 0, 1), (1, 1, 2, 2, 1), (2, 0, 0, 2, 0),
+                 (1, 0, 1, 0, 2), (0, 2, 1, 2, 2), (1, 2, 2, 1, 0), (2, 1, 1, 1, 1), (0, 1, 0, 1, 2),
+                 (2, 2, 2, 0, 2))
+
+
+def test_aot_compile_mixed_dtypes(aot_compile):
+    """The launchers take weight/bias and scale/shift of any float dtype, whatever x's (a bf16
+    model's weights, fp32 FiLM outputs with fp16 x, ...): each is a compiled variant of its own.
+    Compiled for sm_80 and sm_90: every (x, weight = bias, scale = shift) dtype triple, and rows
+    where weight and bias, or scale and shift, differ such that every two of the five pointers
+    see every pair of dtypes. Configs rotate over ALL_CONFIGS (the loads' layouts follow the tile)."""
+    names = ("fp32", "fp16", "bf16")
+    pairs = {(i, j, r[i], r[j]) for r in PAIRWISE_ROWS for i in range(5) for j in range(i + 1, 5)}
+    assert len(pairs) == 10 * 9, "PAIRWISE_ROWS must cover every pair of dtypes of every two pointers"
+    rows = {(x, wb, wb, ss, ss) for x in range(3) for wb in range(3) for ss in range(3)} | set(PAIRWISE_ROWS)
+    rows -= {(x, 0, 0, x, x) for x in range(3)}  # fp32 parameters, FiLM in x's dtype: compiled above
+    jobs = []
+    for n, row in enumerate(sorted(rows)):
+        x, w, b, s, sh = (names[i] for i in row)
+        kwargs = {"weight_dtype": w, "bias_dtype": b, "scale_dtype": s, "shift_dtype": sh,
+                  "eps_dtype": "fp64" if n % 2 else "fp32"}
+        jobs += [(kind, (2 * n + k) % len(ALL_CONFIGS), x, cap, kwargs)
+                 for k, kind in enumerate(("fwd", "bwd")) for cap in (80, 90)]
+    records = aot_compile("jdm_fast.kernels.group_norm", jobs)
+    assert len(records) == len(jobs) == 4 * len(rows)
