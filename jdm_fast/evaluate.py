@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jdm_fast.data.images import to_uint8
 from jdm_fast.generation import SampleSettings, balanced_labels, generate, load_joint_model
 from jdm_fast.metrics import (
     FEATURE_CLASSIFIER_NAME,
@@ -36,7 +37,6 @@ from jdm_fast.metrics import (
     precision_recall,
 )
 from jdm_fast.training.config import check_device
-from jdm_fast.data.images import to_uint8
 
 
 def parser() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jdm_fast.data.images import from_uint8, save_grid, to_uint8
 from jdm_fast.generation import (
     DEFAULT_SAMPLER,
     HEAD_INPUTS,
@@ -54,7 +55,6 @@ from jdm_fast.generation import (
     load_joint_model,
 )
 from jdm_fast.training.config import check_device
-from jdm_fast.data.images import from_uint8, save_grid, to_uint8
 
 DEFAULTS = SampleSettings()
 

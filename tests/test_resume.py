@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jdm_fast.checkpoint import (CheckpointError, PREVIOUS_NAME, load_checkpoint, load_latest, rng_state,
-                                          save_checkpoint)
+                                 save_checkpoint)
 from jdm_fast.training.loop import train
 
 from _runs import env, final_state, max_rel_diff, run, train_cmd

@@ -20,7 +20,7 @@ from jdm_fast import train as train_cli
 from jdm_fast import checkpoint as ck
 from jdm_fast.training import loop
 from jdm_fast.checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, StorageError, load_checkpoint,
-                                          save_checkpoint)
+                                 save_checkpoint)
 
 
 def _state(v: float) -> dict:

@@ -44,17 +44,17 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
+from jdm_fast.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, checkpoint_files, free_bytes,
+                                 load_latest, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
+                                 state_bytes, storage_error)
 from jdm_fast.data import AugmentConfig, ImageDataset, default_augment, infinite_batches, load_dataset
+from jdm_fast.data.images import save_grid
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointDiffusion
 from jdm_fast.training import distributed
-from jdm_fast.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, checkpoint_files, free_bytes,
-                                          load_latest, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
-                                          state_bytes, storage_error)
 from jdm_fast.training.config import TrainConfig
 from jdm_fast.training.distributed import Dist
 from jdm_fast.training.evaluation import preview_samples, test_accuracy
-from jdm_fast.data.images import save_grid
 from jdm_fast.training.precision import Precision, autocast, choose_precision
 from jdm_fast.training.step import TrainStep
 
