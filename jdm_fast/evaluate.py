@@ -27,6 +27,7 @@ import torch
 
 from jdm_fast.data.images import to_uint8
 from jdm_fast.generation import SampleSettings, balanced_labels, generate, load_joint_model
+from jdm_fast.generation.loading import file_kind
 from jdm_fast.metrics import (
     FEATURE_CLASSIFIER_NAME,
     InceptionFeatures,
@@ -42,7 +43,8 @@ from jdm_fast.training.config import check_device
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jdm_fast.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (raw and EMA weights are evaluated) or "
+                   "a safetensors export (the one set it holds)")
     p.add_argument("--num", type=int, default=500, help="samples per mode (uncond, cond) for FID/precision/recall")
     p.add_argument("--samples", help="evaluate the images of this samples.npz instead of generating")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generated samples")
@@ -101,12 +103,19 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"--out {out} is a directory: give the JSON file to write")
     device = check_device(args.device)
     start = time.perf_counter()
-    raw, ema = load_joint_model(ckpt, ema=False, device=device), load_joint_model(ckpt, ema=True, device=device)
+    # A training checkpoint holds raw and EMA weights; a safetensors export one set, which it names.
+    if file_kind(ckpt) == "safetensors":
+        only = load_joint_model(ckpt, device=device)
+        loaded = {only.weights: only}
+    else:
+        loaded = {"raw": load_joint_model(ckpt, ema=False, device=device),
+                  "ema": load_joint_model(ckpt, ema=True, device=device)}
+    raw = next(iter(loaded.values()))  # config, dataset and step are the same in both
     data_dir = args.data_dir or raw.data_dir
     test = load_dataset(raw.dataset, "test", data_dir)
-    results: dict = {"checkpoint": str(ckpt), "step": raw.step, "dataset": raw.dataset,
-                     "test_accuracy_raw": test_accuracy(raw.model, test, device),
-                     "test_accuracy_ema": test_accuracy(ema.model, test, device)}
+    results: dict = {"checkpoint": str(ckpt), "step": raw.step, "dataset": raw.dataset}
+    for which, lm in loaded.items():
+        results[f"test_accuracy_{which}"] = test_accuracy(lm.model, test, device)
     fc = get_feature_classifier(Path(args.feature_classifier or ckpt.parent / FEATURE_CLASSIFIER_NAME), raw.dataset,
                                 data_dir, retrain=args.train_feature_classifier, device=str(device), log=log)
     results["feature_classifier"] = {k: fc.info.get(k) for k in ("test_accuracy", "seed", "steps")}
@@ -129,7 +138,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
                              f"model makes {want}")
         sets["samples"] = (data["images"], data["labels"])
     else:
-        lm = ema if args.ema else raw
+        want = "ema" if args.ema else "raw"
+        if want not in loaded:
+            raise ValueError(f"--{'ema' if args.ema else 'raw'}: {ckpt} holds only the {raw.weights} weights "
+                             f"(pass --{'no-ema' if args.ema else 'ema'}, or the training checkpoint)")
+        lm = loaded[want]
         k = lm.num_classes
         settings = SampleSettings(steps=args.steps, alpha=args.alpha)
         for mode in ("uncond", "cond"):
@@ -154,9 +167,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'metric':<42} {'value':>10}", "-" * 53,
-             f"{'test accuracy (raw)':<42} {results['test_accuracy_raw']:>10.2%}",
-             f"{'test accuracy (EMA)':<42} {results['test_accuracy_ema']:>10.2%}"]
+    lines = [f"{'metric':<42} {'value':>10}", "-" * 53]
+    lines += [f"{f'test accuracy ({label})':<42} {results[key]:>10.2%}"
+              for key, label in (("test_accuracy_raw", "raw"), ("test_accuracy_ema", "EMA")) if key in results]
     for name, entry in results.items():
         if isinstance(entry, dict) and "num" in entry:
             for key, v in entry.items():

