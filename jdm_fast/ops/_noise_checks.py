@@ -87,6 +87,13 @@ def _check_tables(op: str, x: Tensor, **tables: Tensor) -> int:
     return T
 
 
+def _check_forward_schedule(op: str, x0: Tensor, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod) -> None:
+    """The two forward-process tables and the timesteps that index them (the q_sample family)."""
+    T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
+                      sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
+    _check_t(op, "t", t, x0, 0, T)
+
+
 def _check_offset(op: str, offset: int) -> None:
     if offset < 0:
         raise ValueError(f"{op}: offset must be >= 0, got {offset}")
@@ -125,26 +132,20 @@ def q_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise) -
     op = "q_sample"
     _check_x(op, "x0", x0)
     _check_like(op, "noise", noise, "x0", x0)
-    T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
-                      sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
-    _check_t(op, "t", t, x0, 0, T)
+    _check_forward_schedule(op, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
 
 
 def q_sample_philox(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, offset) -> None:
     op = "q_sample_philox"
     _check_x(op, "x0", x0)
-    T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
-                      sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
-    _check_t(op, "t", t, x0, 0, T)
+    _check_forward_schedule(op, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     _check_offset(op, offset)
 
 
 def q_sample_keyed(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, seed, first_example) -> None:
     op = "q_sample_keyed"
     _check_x(op, "x0", x0)
-    T = _check_tables(op, x0, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
-                      sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod)
-    _check_t(op, "t", t, x0, 0, T)
+    _check_forward_schedule(op, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     _check_first_example(op, first_example, x0.device)
 
 
