@@ -2,6 +2,11 @@
 
 ``L = mean(|eps - eps_hat(x_t, t)|^2) + lambda * CE(head(features(encode(x_cls, t=0))), y)``
 
+``JointConfig.objective`` picks what is trained (the paper's baselines, same architecture):
+``"joint"`` (the above), ``"diffusion"`` (the UNet alone on the eps-MSE: no head is built, a
+standalone DDPM) or ``"classifier"`` (encoder + head alone on the CE of the clean input at t = 0,
+weight 1: the decoder is not built, nothing is noised and no eps is predicted).
+
 The diffusion term trains on the clean ``x0``. The classifier sees ``x_cls`` at t = 0 through the
 encoder (default, ``classifier_input="x0"``): the caller's augmented copy of ``x0`` (the trainer
 passes the loader's keyed augmentation, jdm_fast.data), or ``x0`` itself when none is given; the
@@ -32,6 +37,7 @@ from jdm_fast.ops import noise as noise_ops
 from jdm_fast.ops.philox import counter_timesteps  # noqa: F401 - the NumPy reference of the keyed timesteps
 
 CLASSIFIER_INPUTS = ("x0", "xt")
+OBJECTIVES = ("joint", "diffusion", "classifier")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class JointConfig:
     # classifier_input "x0": encode x_t and the classifier's clean x0 in one call of twice the batch
     # (False: two encoder calls; same results up to floating-point summation order)
     fuse_encoder_passes: bool = True
+    objective: str = "joint"  # OBJECTIVES: joint | diffusion (no head) | classifier (no decoder)
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
@@ -54,6 +61,21 @@ class JointConfig:
                              f"got {self.classifier_input!r}")
         if not math.isfinite(self.classifier_weight) or self.classifier_weight < 0:
             raise ValueError(f"--classifier-weight (lambda) must be a finite number >= 0, got {self.classifier_weight}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "classifier" and self.classifier_input != "x0":
+            raise ValueError("--objective classifier trains the classifier on clean images at t = 0: it needs "
+                             f"--classifier-input x0, got {self.classifier_input!r}")
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model predicts noise (has a decoder): objectives joint and diffusion."""
+        return self.objective != "classifier"
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the model has a classifier head: objectives joint and classifier."""
+        return self.objective != "diffusion"
 
 
 # Philox counter word 2 tags keep the counter-based streams of the loss apart from each other and
@@ -91,6 +113,7 @@ class JointLoss(NamedTuple):
     #                           so that its mean over the processes is the global batch's mean
     correct: torch.Tensor  # number of labelled examples classified right (no host sync)
     labelled: torch.Tensor  # number of labelled examples
+    # objective "diffusion": classifier, correct and labelled are 0; "classifier": diffusion is 0
 
 
 class JointDiffusion(nn.Module):
@@ -98,17 +121,20 @@ class JointDiffusion(nn.Module):
 
     ``diffusion`` is any object with ``num_timesteps`` and ``q_sample(x0, t, noise)``
     (``jdm_fast.diffusion.GaussianDiffusion``). Augmentation of the classifier input is the
-    caller's: ``forward(..., x_cls=augmented x0)``.
+    caller's: ``forward(..., x_cls=augmented x0)``. Objective ``"diffusion"``: ``head`` is None;
+    ``"classifier"``: the UNet has no decoder (``unet.has_decoder`` False).
     """
 
     def __init__(self, cfg: JointConfig, diffusion):
         super().__init__()
         self.config = cfg
         self.diffusion = diffusion
-        self.unet = UNet(cfg.unet)
-        self.head = ClassifierHead(self.unet.feature_channels, cfg.head)
+        self.unet = UNet(cfg.unet, decoder=cfg.generates)
+        self.head = ClassifierHead(self.unet.feature_channels, cfg.head) if cfg.classifies else None
 
     def logits(self, enc) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("this model was trained with --objective diffusion: it has no classifier head")
         return self.head(self.unet.features(enc))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +175,8 @@ class JointDiffusion(nn.Module):
         of row g, column j, tag ``_DROPOUT_TAG + k`` is >= p, so each global example gets the same
         mask whichever process holds it, and a resumed run redraws them exactly."""
         masks: list[torch.Tensor | None] = []
+        if self.head is None:
+            return masks
         width = self.head.in_features
         k = 0
         for layer in self.head.net:
@@ -191,6 +219,9 @@ class JointDiffusion(nn.Module):
                 raise ValueError(f"x_cls must have x0's shape {tuple(x0.shape)}, got {tuple(x_cls.shape)}")
         b = x0.shape[0]
         labelled_total, scale = None, 1.0
+        objective = self.config.objective
+        if objective == "classifier":
+            return self._classifier_only(x0 if x_cls is None else x_cls, y, t, noise, key)
         if key is not None:
             if t is not None or noise is not None:
                 raise ValueError("pass either key or explicit t/noise, not both")
@@ -210,7 +241,9 @@ class JointDiffusion(nn.Module):
                 noise = torch.randn_like(x0)
             x_t = self.diffusion.q_sample(x0, t, noise)
         zeros = torch.zeros(b, dtype=torch.long, device=x0.device)
-        if self.config.classifier_input == "xt":
+        if objective == "diffusion":
+            enc = self.unet.encode(x_t, t)
+        elif self.config.classifier_input == "xt":
             enc = cls_enc = self.unet.encode(x_t, t)
         else:
             x_cls = x0 if x_cls is None else x_cls
@@ -229,7 +262,30 @@ class JointDiffusion(nn.Module):
             diffusion_loss = noise_ops.eps_mse(eps_hat, noise)  # fused, float32 accumulation
         else:
             diffusion_loss = F.mse_loss(eps_hat.float(), noise.float())
+        if objective == "diffusion":
+            zero = torch.zeros((), dtype=torch.long, device=x0.device)
+            return JointLoss(diffusion_loss, diffusion_loss, torch.zeros_like(diffusion_loss), zero, zero)
         logits = self.logits(cls_enc) if key is None else self.head(self.unet.features(cls_enc), masks)
         cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
         total = diffusion_loss + self.config.classifier_weight * cls_loss
         return JointLoss(total, diffusion_loss, cls_loss, correct, labelled)
+
+    def _classifier_only(self, x_cls: torch.Tensor, y: torch.Tensor, t, noise, key: BatchKey | None) -> JointLoss:
+        """Objective "classifier": CE (weight 1) of the encoder + head on ``x_cls`` at t = 0, with the
+        joint loss's keyed head dropout and loss scaling; nothing is noised."""
+        if t is not None or noise is not None:
+            raise ValueError("objective 'classifier' noises nothing: do not pass t or noise")
+        b = x_cls.shape[0]
+        labelled_total, scale, masks = None, 1.0, None
+        if key is not None:
+            if not (0 <= key.start and key.start + b <= key.global_size):
+                raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
+                                 f"batch of {key.global_size}")
+            first = key.first_example(x_cls.device)
+            masks = self._head_dropout_masks(key.seed, first, b) if self.training else None
+            labelled_total, scale = key.labelled, key.global_size / b
+        zeros = torch.zeros(b, dtype=torch.long, device=x_cls.device)
+        feats = self.unet.features(self.unet.encode(x_cls, zeros))
+        logits = self.head(feats) if masks is None else self.head(feats, masks)
+        cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
+        return JointLoss(cls_loss, torch.zeros_like(cls_loss), cls_loss, correct, labelled)

@@ -104,11 +104,15 @@ class Encoded(NamedTuple):
 
 
 class UNet(nn.Module):
-    """Unconditional ADM UNet predicting eps. ``forward(x, t) == decode(encode(x, t))``."""
+    """Unconditional ADM UNet predicting eps. ``forward(x, t) == decode(encode(x, t))``.
 
-    def __init__(self, cfg: UNetConfig):
+    ``decoder=False`` builds the encoder and middle block only (a classifier-only model: no
+    up-path, no output layers, no parameters or compute for them); ``decode`` then raises."""
+
+    def __init__(self, cfg: UNetConfig, decoder: bool = True):
         super().__init__()
         self.config = cfg
+        self.has_decoder = decoder
         base, emb_ch, groups = cfg.model_channels, 4 * cfg.model_channels, cfg.num_groups
         heads = {"num_heads": cfg.num_heads, "num_head_channels": cfg.num_head_channels}
 
@@ -134,6 +138,9 @@ class UNet(nn.Module):
         self.middle = nn.ModuleList([res(ch, ch), SelfAttention2d(ch, num_groups=groups, **heads), res(ch, ch)])
         self.feature_channels = sum(skip_chs) + ch
         self.up = nn.ModuleList()
+        if not decoder:
+            self.out_norm = self.out_conv = None
+            return
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 upsample = level > 0 and i == cfg.num_res_blocks
@@ -157,7 +164,7 @@ class UNet(nn.Module):
     def channels_last(self) -> bool:
         """Whether the model runs channels-last (``model.to(memory_format=torch.channels_last)``):
         then the input is converted at the model boundary and every feature map stays channels-last."""
-        w = self.out_conv.weight  # (in_channels, model_channels, 3, 3): its layout is never ambiguous
+        w = self.middle[0].in_conv.weight  # (C, C, 3, 3), C >= num_groups: its layout is never ambiguous
         return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
     def encode(self, x: torch.Tensor, t: torch.Tensor) -> Encoded:
@@ -175,6 +182,8 @@ class UNet(nn.Module):
         return Encoded(h, skips, emb)
 
     def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        if not self.has_decoder:
+            raise RuntimeError("UNet.decode: this UNet was built without a decoder (a classifier-only model)")
         if len(skips) != len(self.up):
             raise ValueError(f"UNet.decode: expected {len(self.up)} skip tensors, got {len(skips)}")
         for block, skip in zip(self.up, reversed(skips)):
