@@ -150,5 +150,8 @@ setup(
         # NVIDIA DALI input pipelines (CPU-only mode where there is no GPU); optional at run time
         'nvidia-dali-cuda130; sys_platform == "linux" and platform_machine in "x86_64 aarch64"',
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "diffusers", "import-linter"]},  # diffusers: integration tests only; import-linter: the layer order
+    # tensorboard: the trainer's --tensorboard; in dev so the tests of it run. diffusers: integration tests
+    # only; import-linter: the layer order
+    extras_require={"tensorboard": ["tensorboard"],
+                    "dev": ["pytest", "pytest-benchmark", "diffusers", "import-linter", "tensorboard"]},
 )

@@ -26,7 +26,7 @@ from jdm_fast.training.config import COMPILE_MODES, DEFAULT_PRESET, PRESETS, Tra
 _OVERRIDES = ("data_dir", "out", "steps", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip",
               "ema_decay", "amp", "compile", "compile_mode", "channels_last", "augment", "labelled_fraction", "loader", "optimizer",
               "eval_every", "save_every", "log_every", "sampler", "sample_steps", "num_samples", "seed", "device",
-              "resume", "num_timesteps", "schedule", "dataset", "max_nonfinite")
+              "resume", "num_timesteps", "schedule", "dataset", "max_nonfinite", "tensorboard")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue from <out>/checkpoint.pt (or checkpoint.prev.pt when that one is damaged)")
     p.add_argument("--max-nonfinite", type=int,
                    help="stop after this many consecutive steps with a non-finite loss (each is skipped; default 5)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write the metrics and sample grids to <out>/tb/ for TensorBoard "
+                        "(needs pip install 'jdm_fast[tensorboard]')")
     return p
 
 
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config ({cfg.preset}):\n{cfg.to_json()}", flush=True)
     from jdm_fast.checkpoint import CheckpointError, StorageError, storage_error
     from jdm_fast.training.loop import NonFiniteLossError, Preempted, train  # heavy imports after validation
+    from jdm_fast.training.tensorboard import TensorBoardMissing
 
     try:
         train(cfg)
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_process:
             print(str(e), file=sys.stderr, flush=True)
         return e.exit_status
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: name it, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, TensorBoardMissing) as e:  # bad input: name it, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointError, StorageError) as e:

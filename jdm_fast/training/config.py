@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     max_nonfinite: int = 5  # consecutive steps with a non-finite loss (each one skipped) before the run stops
+    tensorboard: bool = False  # also log metrics and sample grids to <out>/tb/ (needs the tensorboard extra)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -57,6 +57,7 @@ from jdm_fast.training.distributed import Dist
 from jdm_fast.training.evaluation import preview_samples, test_accuracy
 from jdm_fast.training.precision import Precision, autocast, choose_precision
 from jdm_fast.training.step import TrainStep
+from jdm_fast.training.tensorboard import TensorBoardLog, require_tensorboard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -316,6 +317,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run (or resume) training; returns the final metrics. Under torchrun (WORLD_SIZE > 1) every
     process calls this; only rank 0 logs and writes files."""
+    if cfg.tensorboard:
+        require_tensorboard()  # before anything starts: every process fails alike when it is missing
     ctx, device = distributed.setup(cfg.device)
     try:
         return _train(cfg, ctx, device, log if ctx.is_main else _quiet)
@@ -441,6 +444,7 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
             kept = metrics_path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             metrics_path.rename(kept)
             log(f"note: {metrics_path} of an earlier run (no checkpoint) moved to {kept}; this run starts a new one")
+    tb = stack.enter_context(TensorBoardLog(out / "tb", start_step)) if ctx.is_main and cfg.tensorboard else None
 
     # The diffusion term trains on the clean images x, the classifier on the loader's augmented copy
     # x_aug (None with --no-augment or a classifier on x_t), drawn per example from
@@ -463,6 +467,8 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
         if ctx.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if tb is not None:
+                tb.write(entry)
 
     def save(step: int) -> None:
         # A host sync per save: no checkpoint ever holds a non-finite weight (a learning rate of inf,
