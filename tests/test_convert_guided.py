@@ -175,3 +175,16 @@ def test_head_mismatches_are_refused_by_name(saved, tmp_path):
     state["clasifier.bn_1.weight"] = state["clasifier.bn_1.weight"][:-32]
     torch.save(state, tmp_path / "narrow.pt")
     _refused(tmp_path / "narrow.pt", tmp_path, flags, r"clasifier\.bn_1\.weight has shape \(897,\).*--num-res-blocks")
+
+
+def test_their_attention_resolutions_become_our_pixel_sizes():
+    """Theirs: ds = image_size // res, attention where a level's downsampling factor is in it. At
+    28x28 their default "16,8" gives ds 1 and 3: attention at 28x28 only (3 is no level)."""
+    from argparse import Namespace
+
+    from jdm_fast.convert.guided_diffusion import attention_sizes, channel_mult
+
+    assert attention_sizes(Namespace(image_size=32, attention_resolutions="16,8"), 4) == ((16, 8), [])
+    assert attention_sizes(Namespace(image_size=28, attention_resolutions="16,8"), 3) == ((28,), [8])
+    assert attention_sizes(Namespace(image_size=64, attention_resolutions="32,16,8"), 4) == ((32, 16, 8), [])
+    assert channel_mult(Namespace(image_size=28, channel_mult="")) == (1, 2, 2)
