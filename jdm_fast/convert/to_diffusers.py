@@ -1,5 +1,7 @@
 """``python -m jdm_fast.convert to-diffusers CKPT --out DIR``: a trained jdm_fast model as a diffusers
-pipeline folder, so that any diffusers scheduler (DDPM, DDIM, DPM-Solver++, Euler, ...) samples it.
+pipeline folder, so that diffusers' schedulers (DDPM, DDIM, DPM-Solver++, UniPC, DEIS, ...) sample it.
+Schedulers without x0 clipping (Euler, LMS) sample these pixel-space models badly, as our samplers
+would without their clipping (README: measured).
 
 CKPT is what ``jdm_fast.load_model`` reads: a training checkpoint (``checkpoint.pt``: EMA weights
 by default, ``--weights raw`` for the others) or a safetensors export of the trainer
