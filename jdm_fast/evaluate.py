@@ -12,6 +12,10 @@ Reports (printed table + JSON, default ``<checkpoint folder>/eval.json``):
   as their target class.
 ``--samples samples.npz`` (from ``python -m jdm_fast.sample``) evaluates those images instead of
 generating; its labels >= 0 are the targets for class consistency.
+
+A model trained with ``--objective diffusion`` (no head) gets no test accuracy and no conditional
+samples; one trained with ``--objective classifier`` (no decoder) gets test accuracy only
+(``--samples`` is refused for it). ``--modes`` picks which sample sets to generate.
 """
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
                    "a safetensors export (the one set it holds)")
     p.add_argument("--num", type=int, default=500, help="samples per mode (uncond, cond) for FID/precision/recall")
     p.add_argument("--samples", help="evaluate the images of this samples.npz instead of generating")
+    p.add_argument("--modes", nargs="+", choices=("uncond", "cond"), default=["uncond", "cond"],
+                   help="sample sets to generate (those the model can make: no cond without a head)")
+    p.add_argument("--cond-num", type=int, help="conditional samples (default --num; steering costs ~20x an "
+                   "unconditional sample)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generated samples")
     p.add_argument("--alpha", type=float, default=SampleSettings().alpha,
                    help="representation step of the cond samples (normalised; see python -m jdm_fast.sample -h)")
@@ -91,6 +99,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.num <= args.k:
         raise ValueError(f"--num {args.num} must exceed --k {args.k} (each sample needs k neighbours among the others)")
+    cond_num = args.num if args.cond_num is None else args.cond_num
+    if cond_num <= args.k:
+        raise ValueError(f"--cond-num {cond_num} must exceed --k {args.k}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.alpha) or args.alpha < 0:
@@ -113,9 +124,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
     raw = next(iter(loaded.values()))  # config, dataset and step are the same in both
     data_dir = args.data_dir or raw.data_dir
     test = load_dataset(raw.dataset, "test", data_dir)
-    results: dict = {"checkpoint": str(ckpt), "step": raw.step, "dataset": raw.dataset}
-    for which, lm in loaded.items():
-        results[f"test_accuracy_{which}"] = test_accuracy(lm.model, test, device)
+    results: dict = {"checkpoint": str(ckpt), "step": raw.step, "dataset": raw.dataset, "objective": raw.objective}
+    if args.samples:  # a classifier-only model makes no samples: nothing to compare them with
+        raw.require("generate", "--samples (evaluating a model's samples)")
+    if raw.model.config.classifies:
+        for which, lm in loaded.items():
+            results[f"test_accuracy_{which}"] = test_accuracy(lm.model, test, device)
+    else:
+        log(f"no test accuracy: {ckpt} was trained with --objective {raw.objective} (no classifier head)")
     fc = get_feature_classifier(Path(args.feature_classifier or ckpt.parent / FEATURE_CLASSIFIER_NAME), raw.dataset,
                                 data_dir, retrain=args.train_feature_classifier, device=str(device), log=log)
     results["feature_classifier"] = {k: fc.info.get(k) for k in ("test_accuracy", "seed", "steps")}
@@ -124,6 +140,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     real = _RealSet(extractor.features(test.images), args.k)
 
     sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    sample_seconds: dict[str, float] = {}
     if args.samples:
         path = Path(args.samples)
         if not path.is_file():
@@ -137,6 +154,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             raise ValueError(f"--samples {path} holds images of shape {data['images'].shape[1:]} (N, H, W, C) but the "
                              f"model makes {want}")
         sets["samples"] = (data["images"], data["labels"])
+    elif not raw.model.config.generates:
+        log(f"no samples: {ckpt} was trained with --objective {raw.objective} (no decoder)")
     else:
         want = "ema" if args.ema else "raw"
         if want not in loaded:
@@ -145,15 +164,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
         lm = loaded[want]
         k = lm.num_classes
         settings = SampleSettings(steps=args.steps, alpha=args.alpha)
-        for mode in ("uncond", "cond"):
-            labels = None if mode == "uncond" else balanced_labels(args.num, k)
+        modes = [m for m in args.modes if m == "uncond" or lm.model.config.classifies]
+        if len(modes) < len(args.modes):
+            log(f"no conditional samples: {ckpt} was trained with --objective {raw.objective} (no classifier head)")
+        for mode in modes:
+            num = args.num if mode == "uncond" else cond_num
+            labels = None if mode == "uncond" else balanced_labels(num, k)
             t0 = time.perf_counter()
-            x = generate(lm.model, mode, args.num, labels, settings, torch.Generator(device=device).manual_seed(args.seed),
+            x = generate(lm.model, mode, num, labels, settings, torch.Generator(device=device).manual_seed(args.seed),
                          device, augment=lm.augment)
-            log(f"generated {args.num} {mode} samples in {time.perf_counter() - t0:.1f}s")
-            sets[mode] = (to_uint8(x), np.full(args.num, -1) if labels is None else labels.numpy())
+            seconds = time.perf_counter() - t0
+            log(f"generated {num} {mode} samples in {seconds:.1f}s")
+            sets[mode] = (to_uint8(x), np.full(num, -1) if labels is None else labels.numpy())
+            sample_seconds[mode] = seconds
     for name, (images, labels) in sets.items():
         entry = _quality(extractor, real, images)
+        if name in sample_seconds:
+            entry["seconds"] = sample_seconds[name]
         has = labels >= 0
         if has.any():
             entry[f"class_consistency[{fc.name}]"] = float((fc.predict(images[has]) == labels[has]).mean())

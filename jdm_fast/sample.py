@@ -193,6 +193,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     sampler = args.sampler or ("ancestral" if steps is None else DEFAULT_SAMPLER[args.mode])
     device = check_device(args.device)
     lm = load_joint_model(args.checkpoint, ema=args.ema, device=device)
+    lm.require("generate", "sampling")
+    if args.mode != "uncond":  # every other mode steers with the model's own head
+        lm.require("classify", f"--mode {args.mode}")
     T = lm.model.diffusion.num_timesteps
     if steps is not None and steps > T:
         raise ValueError(f"--steps {steps} exceeds the model's {T} diffusion steps (use at most {T}, or 'full')")
@@ -223,7 +226,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             result["head_target_rate"] = float((head == labels).float().mean())
             log(f"the model's own head reads {result['head_target_rate']:.1%} of the samples as their target class "
                 "(an independent check: python -m jdm_fast.evaluate --samples)")
-    result.update(seconds=time.perf_counter() - start, npz=str(out / "samples.npz"), authors_variant=args.authors_variant,
+    result.update(seconds=time.perf_counter() - start, npz=str(out / "samples.npz"), checkpoint=str(lm.path),
+                  objective=lm.objective, weights=lm.weights, step=lm.step, authors_variant=args.authors_variant,
                   head_input=args.head_input, raw_step=args.raw_step, alpha=args.alpha,
                   guidance_scale=args.guidance_scale, steer_until=args.steer_until, inner_steps=args.inner_steps,
                   head_views=args.head_views if lm.augment is not None else 1, sampler=sampler, steps=args.steps)

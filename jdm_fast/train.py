@@ -20,6 +20,7 @@ from pathlib import Path
 from jdm_fast.data import DATASET_INFO
 from jdm_fast.data.loaders import BACKENDS
 from jdm_fast.diffusion import SCHEDULES
+from jdm_fast.models.joint import OBJECTIVES
 from jdm_fast.training.config import COMPILE_MODES, DEFAULT_PRESET, PRESETS, TrainConfig, get_preset
 
 # flag -> TrainConfig field, for options that override the preset when given
@@ -58,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
                    help="augment the classifier input (the loader's per-example keyed flips/crops/jitter; "
                         "--no-augment to turn off)")
     p.add_argument("--labelled-fraction", type=float, help="fraction of training labels kept (semi-supervised)")
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="what to train (default joint): joint = eps-MSE + lambda * CE; diffusion = the UNet on the "
+                        "eps-MSE alone (no head); classifier = encoder + head on the CE of clean images at t = 0 "
+                        "alone (no decoder is built)")
     p.add_argument("--classifier-weight", type=float, help="lambda of the joint loss")
     p.add_argument("--classifier-input", choices=["x0", "xt"], help="classifier on clean x0 (t=0) or noisy x_t")
     p.add_argument("--schedule", choices=SCHEDULES)
@@ -102,6 +107,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         model = dataclasses.replace(model, classifier_weight=args.classifier_weight)
     if args.classifier_input is not None:
         model = dataclasses.replace(model, classifier_input=args.classifier_input)
+    if args.objective is not None:
+        model = dataclasses.replace(model, objective=args.objective)
     return dataclasses.replace(base, model=model, **changes)
 
 

@@ -29,6 +29,20 @@ class LoadedModel:
     augment: AugmentConfig | None = None  # the head's training augmentation (None: trained without)
 
     @property
+    def objective(self) -> str:
+        """What the model was trained on: joint, diffusion (no head) or classifier (no decoder)."""
+        return self.model.config.objective
+
+    def require(self, ability: str, what: str) -> None:
+        """Raise a ValueError naming the file and its objective unless the model can ``ability``
+        ("generate": has a decoder; "classify": has a head) what the caller asks (``what``)."""
+        ok = self.model.config.generates if ability == "generate" else self.model.config.classifies
+        if not ok:
+            lacks = "no decoder: it makes no samples" if ability == "generate" else "no classifier head"
+            raise ValueError(f"{what} needs a model that can {ability}, but {self.path} was trained with "
+                             f"--objective {self.objective} ({lacks})")
+
+    @property
     def num_classes(self) -> int:
         return self.model.config.head.num_classes
 

@@ -194,8 +194,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> JointDiffusion:
 def classifier_augment(cfg: TrainConfig) -> AugmentConfig | None:
     """The augmentation of the classifier input that the run's loader draws: the dataset's default
     (what ``jdm_fast.generation.load_joint_model`` reports as the head's training augmentation) with
-    ``--augment`` and the classifier on clean images; None otherwise (on x_t nothing is augmented)."""
-    if cfg.augment and cfg.model.classifier_input == "x0":
+    ``--augment`` and the classifier on clean images; None otherwise (on x_t nothing is augmented,
+    and a diffusion-only model has no classifier)."""
+    if cfg.augment and cfg.model.classifier_input == "x0" and cfg.model.classifies:
         return default_augment(cfg.dataset)
     return None
 
@@ -415,7 +416,7 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
         y = y.masked_fill(y == unlabelled, -1)
         precision = _probe_cpu_amp(model, x, y, precision, log)
         precision = ctx.gather_objects(precision)[0]  # every process follows rank 0's measurement
-    if ctx.enabled:
+    if ctx.enabled and model.head is not None:
         distributed.convert_sync_batchnorm(model.head)  # head statistics over the global batch
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     why = "asked" if cfg.compile is not None else ("default on CUDA" if use_compile else
@@ -460,8 +461,11 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
     if ctx.enabled:
         log(f"data parallel: {ctx.world_size} processes ({dist_backend()}), global batch {cfg.batch_size} = "
             f"{ctx.world_size} x {local_batch}")
-    log(f"model {n_params / 1e6:.2f}M parameters (head input {model.head.in_features}) | data {train_ds.name}: "
-        f"{len(train_ds)} train / {len(test_ds)} test | out {out}")
+    parts = {"joint": f"head input {model.head.in_features if model.head is not None else 0}",
+             "diffusion": "no head", "classifier": f"no decoder, head input "
+             f"{model.head.in_features if model.head is not None else 0}"}
+    log(f"objective {cfg.model.objective} | model {n_params / 1e6:.2f}M parameters ({parts[cfg.model.objective]}) | "
+        f"data {train_ds.name}: {len(train_ds)} train / {len(test_ds)} test | out {out}")
 
     def record(entry: dict) -> None:
         if ctx.is_main:
@@ -489,10 +493,12 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
             })
 
     def evaluate(step: int, final: bool = False) -> dict:
-        acc_raw = test_accuracy(model, test_ds, device, dist=ctx)
-        acc_ema = test_accuracy(ema.model, test_ds, device, dist=ctx)
-        entry = {"kind": "eval", "step": step, "test_acc_raw": acc_raw, "test_acc_ema": acc_ema}
-        if ctx.is_main:
+        # What the objective's model can do: accuracy with a head, sample grids with a decoder.
+        entry = {"kind": "eval", "step": step, "objective": cfg.model.objective}
+        if model.head is not None:
+            entry["test_acc_raw"] = test_accuracy(model, test_ds, device, dist=ctx)
+            entry["test_acc_ema"] = test_accuracy(ema.model, test_ds, device, dist=ctx)
+        if ctx.is_main and model.unet.has_decoder:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 samples = preview_samples(ema.model, cfg.num_samples, cfg.sample_steps, cfg.seed, device, cfg.sampler)
             grid = save_grid(samples, out / ("samples_final.png" if final else f"samples_{step:07d}.png"))
@@ -552,19 +558,28 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
             result = evaluate(done)
             tick_start += time.perf_counter() - eval_start  # keep evaluation out of images/s
             if ctx.is_main:
-                bar.write(f"step {done}: test accuracy raw {result['test_acc_raw']:.2%} | "
-                          f"EMA {result['test_acc_ema']:.2%} | samples {result['samples']}")
+                bar.write(f"step {done}: {_describe_eval(result)}")
     bar.close()
     final = evaluate(cfg.steps, final=True)
     if ctx.is_main:
         _export_safetensors(model, out / "model.safetensors", cfg, "raw", cfg.steps)
         _export_safetensors(ema.model, out / "model_ema.safetensors", cfg, "ema", cfg.steps)
-        log(f"final (step {cfg.steps}): test accuracy raw {final['test_acc_raw']:.2%} | "
-            f"EMA {final['test_acc_ema']:.2%}")
-        log(f"wrote {ckpt_path}, {out / 'model.safetensors'}, {out / 'model_ema.safetensors'}, "
-            f"{final['samples']}, {metrics_path}")
+        log(f"final (step {cfg.steps}): {_describe_eval(final, samples=False)}")
+        grid = f"{final['samples']}, " if "samples" in final else ""
+        log(f"wrote {ckpt_path}, {out / 'model.safetensors'}, {out / 'model_ema.safetensors'}, {grid}{metrics_path}")
     ctx.barrier()  # no process leaves (and tears the group down) while rank 0 still writes
     return final
+
+
+def _describe_eval(entry: dict, samples: bool = True) -> str:
+    parts = []
+    if "test_acc_raw" in entry:
+        parts.append(f"test accuracy raw {entry['test_acc_raw']:.2%} | EMA {entry['test_acc_ema']:.2%}")
+    else:
+        parts.append(f"no test accuracy (objective {entry['objective']}: no classifier head)")
+    if samples and "samples" in entry:
+        parts.append(f"samples {entry['samples']}")
+    return " | ".join(parts)
 
 
 def dist_backend() -> str:
