@@ -132,3 +132,113 @@ def test_objective_is_validated():
         dataclasses.replace(MODEL, objective="gan")
     with pytest.raises(ValueError, match="needs --classifier-input x0"):
         dataclasses.replace(MODEL, objective="classifier", classifier_input="xt")
+
+
+# --- through the CLIs -------------------------------------------------------------------------
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--steps", "4", "--batch-size", "16", "--log-every", "2",
+        "--eval-every", "4", "--save-every", "4", "--num-samples", "4", "--sample-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run per objective through ``python -m jdm_fast.train``'s main."""
+    from jdm_fast import train as cli
+
+    root = tmp_path_factory.mktemp("objectives")
+    for objective in ("joint", "diffusion", "classifier"):
+        assert cli.main([*TINY, "--objective", objective, "--out", str(root / objective)]) == 0
+    return root
+
+
+def test_each_objective_trains_saves_and_says_which_it_is(trained):
+    import json
+
+    from jdm_fast import load_model
+    from jdm_fast.checkpoint import load_checkpoint
+
+    for objective in ("joint", "diffusion", "classifier"):
+        out = trained / objective
+        assert load_checkpoint(out / "checkpoint.pt")["config"]["model"]["objective"] == objective
+        assert json.loads((out / "config.json").read_text())["model"]["objective"] == objective
+        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if e["kind"] == "eval"]
+        assert evals and all(e["objective"] == objective for e in evals)
+        assert all(("test_acc_ema" in e) == (objective != "diffusion") for e in evals)
+        assert all(("samples" in e) == (objective != "classifier") for e in evals)
+        assert (out / "samples_final.png").exists() == (objective != "classifier")
+        model = load_model(out / "model_ema.safetensors")
+        assert model.config.objective == objective
+        assert (model.head is None) == (objective == "diffusion") and model.unet.has_decoder == (objective != "classifier")
+
+
+def test_sample_and_evaluate_refuse_what_a_model_cannot_do(trained, capsys):
+    import json
+
+    from jdm_fast import evaluate, sample
+
+    ckpt = lambda objective: str(trained / objective / "checkpoint.pt")  # noqa: E731
+    assert sample.main(["--checkpoint", ckpt("classifier"), "--num", "2", "--steps", "2"]) == 2
+    assert "--objective classifier (no decoder: it makes no samples)" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", ckpt("diffusion"), "--mode", "cond", "--num", "2", "--steps", "2"]) == 2
+    assert "--objective diffusion (no classifier head)" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", ckpt("diffusion"), "--num", "2", "--steps", "2",
+                        "--out", str(trained / "s")]) == 0
+    assert json.loads((trained / "s" / "sample_summary.json").read_text())["objective"] == "diffusion"
+    common = ["--num", "8", "--cond-num", "6", "--steps", "2", "--k", "2",
+              "--feature-classifier", str(trained / "fc.pt")]
+    res = evaluate.run(evaluate.parser().parse_args(["--checkpoint", ckpt("diffusion"), *common]), log=lambda *_: None)
+    assert res["objective"] == "diffusion" and "test_accuracy_ema" not in res
+    assert "uncond" in res and "cond" not in res
+    res = evaluate.run(evaluate.parser().parse_args(["--checkpoint", ckpt("classifier"), *common]), log=lambda *_: None)
+    assert 0 <= res["test_accuracy_ema"] <= 1 and "uncond" not in res and "cond" not in res
+    res = evaluate.run(evaluate.parser().parse_args(["--checkpoint", ckpt("joint"), *common]), log=lambda *_: None)
+    assert res["uncond"]["num"] == 8 and res["cond"]["num"] == 6 and "test_accuracy_raw" in res
+    with pytest.raises(ValueError, match="no decoder"):
+        evaluate.run(evaluate.parser().parse_args(["--checkpoint", ckpt("classifier"), *common,
+                                                   "--samples", str(trained / "s" / "samples.npz")]))
+
+
+def test_compare_quick_trains_every_objective_and_fills_every_cell(tmp_path):
+    """``python -m jdm_fast.experiments compare --quick``: every run of the plan trains and is
+    evaluated, the table has a value in every cell the objective defines, and a second invocation
+    redoes nothing."""
+    import json
+
+    from jdm_fast.experiments.__main__ import main
+
+    out = tmp_path / "cmp"
+    lines: list[str] = []
+    assert main(["compare", "--quick", "--preset", "tiny", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    runs = {(r["objective"], r["labelled_fraction"]) for r in data["runs"]}
+    assert runs == {("diffusion", 1.0), ("joint", 1.0), ("classifier", 1.0), ("joint", 0.1), ("classifier", 0.1)}
+    defined = {"joint": {"test_acc_ema", "fid", "precision", "recall", "cond_consistency"},
+               "classifier": {"test_acc_ema"}, "diffusion": {"fid", "precision", "recall"}}
+    for row in data["summary"]:
+        have = {k for k in ("test_acc_ema", "fid", "precision", "recall", "cond_consistency") if k in row}
+        assert have == defined[row["objective"]], row
+    table = (out / "compare.md").read_text()
+    assert table.count("\n| joint |") == 2 and table.count("\n| classifier |") == 2 and "| diffusion | unused |" in table
+    # each run trained what its name says (the trainer's own config.json)
+    for r in data["runs"]:
+        name = f"{r['objective']}_f{r['labelled_fraction']:g}_s{r['seed']}"
+        config = json.loads((out / "runs" / name / "config.json").read_text())
+        assert (config["model"]["objective"], config["labelled_fraction"], config["seed"]) == \
+            (r["objective"], r["labelled_fraction"], r["seed"])
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
+    import jdm_fast.experiments.compare as compare
+
+    assert compare.run(compare_args(out), log=lines.append) == 0
+    assert all("not redone" in line for line in lines[:5])
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
+
+
+def compare_args(out):
+    import argparse
+
+    from jdm_fast.experiments import compare
+
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    return p.parse_args(["--quick", "--preset", "tiny", "--device", "cpu", "--out", str(out)])
