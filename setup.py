@@ -151,7 +151,10 @@ setup(
         'nvidia-dali-cuda130; sys_platform == "linux" and platform_machine in "x86_64 aarch64"',
     ],
     # tensorboard: the trainer's --tensorboard; in dev so the tests of it run. diffusers: integration tests
-    # only; import-linter: the layer order
+    # only; import-linter: the layer order. eval: scikit-learn fits evaluate's svm judge (the cnn and knn
+    # judges need nothing more); in dev so its tests run
     extras_require={"tensorboard": ["tensorboard"],
-                    "dev": ["pytest", "pytest-benchmark", "diffusers", "import-linter", "tensorboard"]},
+                    "eval": ["scikit-learn"],
+                    "dev": ["pytest", "pytest-benchmark", "diffusers", "import-linter", "tensorboard",
+                            "scikit-learn"]},
 )

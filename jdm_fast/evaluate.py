@@ -8,8 +8,15 @@ Reports (printed table + JSON, default ``<checkpoint folder>/eval.json``):
   never downloaded), else ``FID[<dataset>-features]``: a small CNN the project trains on the train
   split (cached as ``<checkpoint folder>/feature_classifier.pt``); such numbers are NOT
   comparable to published FID;
-- class consistency: the fraction of conditional samples that this independent classifier reads
-  as their target class.
+- class consistency: the fraction of conditional samples that each *judge* reads as their target
+  class (``class_consistency[<judge>]``), overall and per target class (``per_class``, with each
+  judge's confusion counts), and each judge's own accuracy on the real test split (``judges``).
+  The judges are independent classifiers of different families trained on the train split
+  (``--judges``, default every one that can run): ``cnn`` (the feature classifier above,
+  ``class_consistency[<dataset>-features]``), ``knn`` (5-NN on raw pixels) and ``svm`` (an RBF SVM
+  on pixels; fitting it needs scikit-learn: ``pip install 'jdm_fast[eval]'``; without it the svm
+  judge is skipped and the results say so). The pixel judges are cached next to the feature
+  classifier (``judge_knn.safetensors``, ``judge_svm.safetensors``; data only).
 ``--samples samples.npz`` (from ``python -m jdm_fast.sample``) evaluates those images instead of
 generating; its labels >= 0 are the targets for class consistency.
 
@@ -34,11 +41,16 @@ from jdm_fast.generation import SampleSettings, balanced_labels, generate, load_
 from jdm_fast.generation.loading import file_kind
 from jdm_fast.metrics import (
     FEATURE_CLASSIFIER_NAME,
+    JUDGE_IDS,
     InceptionFeatures,
+    class_agreement,
     feature_statistics,
     frechet_distance,
     get_feature_classifier,
+    get_judges,
+    judge_report,
     knn_radii,
+    plan_judges,
     precision_recall,
 )
 from jdm_fast.training.config import check_device
@@ -64,6 +76,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-classifier", help=f"cached feature classifier (default <checkpoint folder>/"
                    f"{FEATURE_CLASSIFIER_NAME}; trained on demand)")
     p.add_argument("--train-feature-classifier", action="store_true", help="(re)train the feature classifier")
+    p.add_argument("--judges", nargs="+", choices=JUDGE_IDS, help="classifiers that judge the class of "
+                   "labelled samples (default: every one that can run here; naming svm without scikit-learn "
+                   "is an error)")
+    p.add_argument("--train-judges", action="store_true", help="(re)fit the cached knn/svm judges")
     p.add_argument("--k", type=int, default=3, help="neighbours of precision/recall")
     p.add_argument("--data-dir", help="where the model's dataset lives now (default: the path in the checkpoint)")
     p.add_argument("--out", help="JSON results (default <checkpoint folder>/eval.json)")
@@ -112,6 +128,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     out = Path(args.out) if args.out else ckpt.parent / "eval.json"
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give the JSON file to write")
+    fc_path = Path(args.feature_classifier or ckpt.parent / FEATURE_CLASSIFIER_NAME)
+    judge_ids, judges_skipped = plan_judges(args.judges, fc_path.parent, args.train_judges)
     device = check_device(args.device)
     start = time.perf_counter()
     # A training checkpoint holds raw and EMA weights; a safetensors export one set, which it names.
@@ -132,8 +150,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             results[f"test_accuracy_{which}"] = test_accuracy(lm.model, test, device)
     else:
         log(f"no test accuracy: {ckpt} was trained with --objective {raw.objective} (no classifier head)")
-    fc = get_feature_classifier(Path(args.feature_classifier or ckpt.parent / FEATURE_CLASSIFIER_NAME), raw.dataset,
-                                data_dir, retrain=args.train_feature_classifier, device=str(device), log=log)
+    fc = get_feature_classifier(fc_path, raw.dataset, data_dir, retrain=args.train_feature_classifier,
+                                device=str(device), log=log)
     results["feature_classifier"] = {k: fc.info.get(k) for k in ("test_accuracy", "seed", "steps")}
     extractor = InceptionFeatures(args.inception_weights, device=str(device)) if args.inception_weights else fc
     results["feature_extractor"] = extractor.name
@@ -153,6 +171,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if data["images"].ndim != 4 or data["images"].shape[1:] != want:
             raise ValueError(f"--samples {path} holds images of shape {data['images'].shape[1:]} (N, H, W, C) but the "
                              f"model makes {want}")
+        if data["labels"].shape != (len(data["images"]),) or (data["labels"] >= test.num_classes).any():
+            raise ValueError(f"--samples {path}: 'labels' must hold one class id < {test.num_classes} (or -1) per image")
         sets["samples"] = (data["images"], data["labels"])
     elif not raw.model.config.generates:
         log(f"no samples: {ckpt} was trained with --objective {raw.objective} (no decoder)")
@@ -177,13 +197,24 @@ def run(args: argparse.Namespace, log=print) -> dict:
             log(f"generated {num} {mode} samples in {seconds:.1f}s")
             sets[mode] = (to_uint8(x), np.full(num, -1) if labels is None else labels.numpy())
             sample_seconds[mode] = seconds
+    judges = []
+    if any((labels >= 0).any() for _, labels in sets.values()):
+        judges = get_judges(judge_ids, fc_path.parent, raw.dataset, data_dir, cnn=fc, retrain=args.train_judges, log=log)
+        results["judges"] = judge_report(judges, test.images, test.labels, test.num_classes)
+        for kind, why in judges_skipped.items():
+            log(f"judge {kind} skipped: {why}")
+        if judges_skipped:
+            results["judges_skipped"] = judges_skipped
     for name, (images, labels) in sets.items():
         entry = _quality(extractor, real, images)
         if name in sample_seconds:
             entry["seconds"] = sample_seconds[name]
         has = labels >= 0
         if has.any():
-            entry[f"class_consistency[{fc.name}]"] = float((fc.predict(images[has]) == labels[has]).mean())
+            agreement = class_agreement({j.name: j.predict(images[has]) for j in judges}, labels[has], test.num_classes)
+            for judge, value in agreement["overall"].items():
+                entry[f"class_consistency[{judge}]"] = value
+            entry["per_class"], entry["confusion"] = agreement["per_class"], agreement["confusion"]
         results[name] = entry
     results["seconds"] = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +231,24 @@ def format_table(results: dict) -> str:
     for name, entry in results.items():
         if isinstance(entry, dict) and "num" in entry:
             for key, v in entry.items():
-                if key != "num":
+                if key != "num" and isinstance(v, (int, float)):
                     lines.append(f"{name + ' ' + key:<42} {v:>10.4g}")
+    for name, judge in results.get("judges", {}).items():
+        lines.append(f"{f'judge {name} test accuracy':<42} {judge['test_accuracy']:>10.2%}")
+    for kind, why in results.get("judges_skipped", {}).items():
+        lines.append(f"judge {kind} skipped: {why}")
+    for name, entry in results.items():
+        if isinstance(entry, dict) and "per_class" in entry:
+            judges = list(entry["per_class"][0]["agreement"]) if entry["per_class"] else []
+            lines += ["", f"{name}: how often each judge reads the target class",
+                      f"{'class':>5} {'count':>6} " + " ".join(f"{j:>16}" for j in judges)]
+            for row in entry["per_class"]:
+                cells = ["-" if row["agreement"][j] is None else f"{row['agreement'][j]:.0%}" for j in judges]
+                lines.append(f"{row['class']:>5} {row['count']:>6} " + " ".join(f"{c:>16}" for c in cells))
+            total = sum(row["count"] for row in entry["per_class"])
+            lines.append(f"{'all':>5} {total:>6} " + " ".join(
+                f"{entry[f'class_consistency[{j}]']:>16.0%}" for j in judges))
+            lines.append("")
     lines.append(f"(feature extractor: {results['feature_extractor']}; "
                  + ("comparable to published FID only with the standard Inception weights)"
                     if results["feature_extractor"] == "inception-v3" else "NOT comparable to published FID)"))

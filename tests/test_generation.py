@@ -192,6 +192,7 @@ def test_evaluate_cli_on_samples_npz(trained_run, tmp_path, capsys):
     assert r["test_accuracy_ema"] > 0.8 and "FID[digits-features]" in r["samples"]
     assert 0 <= r["samples"]["precision[digits-features]"] <= 1
     assert "NOT comparable to published FID" in capsys.readouterr().out
+    assert "judges" not in r and not any(k.startswith("class_consistency") for k in r["samples"])  # no targets
     # A safetensors export holds one set of weights: evaluated as what it is, with the same accuracy.
     assert eval_cli.main(["--checkpoint", str(ckpt.parent / "model_ema.safetensors"), "--samples",
                           str(tmp_path / "s" / "samples.npz"), "--out", str(tmp_path / "eval_export.json")]) == 0
@@ -208,6 +209,7 @@ def test_evaluate_cli_on_samples_npz(trained_run, tmp_path, capsys):
     (["--out", "DIR"], "is a directory: give the JSON file"),
     (["--alpha", "nan"], "--alpha must be a finite number"),
     (["--samples", "BIG"], r"holds images of shape \(64, 64, 1\) .* but the model makes \(28, 28, 1\)"),
+    (["--samples", "BADLABELS"], "'labels' must hold one class id < 10"),
 ])
 def test_evaluate_cli_checks_its_input_before_any_work(trained_run, tmp_path, argv, match, capsys, monkeypatch):
     """Bad --num/--out/--alpha fail before any work (they failed after minutes of it, losing it),
@@ -215,13 +217,69 @@ def test_evaluate_cli_checks_its_input_before_any_work(trained_run, tmp_path, ar
     import re
     ckpt, _ = trained_run
     np.savez(tmp_path / "big.npz", images=np.zeros((4, 64, 64, 1), np.uint8), labels=np.full(4, -1))
-    argv = [str(tmp_path) if a == "DIR" else str(tmp_path / "big.npz") if a == "BIG" else a for a in argv]
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 28, 28, 1), np.uint8), labels=np.array([0, 1, 10, 2]))
+    files = {"DIR": str(tmp_path), "BIG": str(tmp_path / "big.npz"), "BADLABELS": str(tmp_path / "bad.npz")}
+    argv = [files.get(a, a) for a in argv]
     if "--samples" not in argv:
         def no_work(*a, **k):
             raise AssertionError("the model was loaded before the options were checked")
         monkeypatch.setattr(eval_cli, "load_joint_model", no_work)
     assert eval_cli.main(["--checkpoint", str(ckpt), *argv]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_evaluate_judges_labelled_samples_with_every_judge(trained_run, tmp_path, capsys, monkeypatch):
+    """Labelled samples are judged by every judge (issue 20): class_consistency[<judge>] for each
+    (the feature classifier's key as before), a per-class table, the judges' own test accuracy.
+    Real test digits with their true labels as the "samples": each judge's agreement is its accuracy
+    on them. Without scikit-learn the svm judge is skipped and said so; asked for by name, refused
+    before any work."""
+    import shutil
+    import sys
+
+    from jdm_fast.metrics import judges as J
+
+    ckpt, fc = trained_run
+    test = load_dataset("digits", "test")
+    idx = np.arange(0, 1000, 10)
+    images, labels = test.images[idx], test.labels[idx]
+    np.savez(tmp_path / "real.npz", images=images, labels=labels)
+    for folder in ("all", "nosk"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(ckpt.parent / "feature_classifier.pt", tmp_path / folder / "fc.pt")
+    argv = ["--checkpoint", str(ckpt), "--samples", str(tmp_path / "real.npz")]
+    r = eval_cli.run(eval_cli.parser().parse_args(argv + ["--feature-classifier", str(tmp_path / "all" / "fc.pt"),
+                                                          "--out", str(tmp_path / "all.json")]), log=print)
+    out = capsys.readouterr().out
+    names = {"digits-features": fc} | {
+        j.name: j for j in (J.load_judge(J.judge_path(tmp_path / "all", k)) for k in ("knn", "svm")
+                            if J.judge_path(tmp_path / "all", k).is_file())}
+    assert "knn5-pixels" in names and ("svm-rbf-pixels" in names) == J.sklearn_available()
+    assert set(r["judges"]) == set(names) and "judges_skipped" not in r
+    s = r["samples"]
+    for name, judge in names.items():
+        assert s[f"class_consistency[{name}]"] == float((judge.predict(images) == labels).mean()) >= 0.85
+        assert r["judges"][name]["test_accuracy"] == float((judge.predict(test.images) == test.labels).mean())
+        assert sum(row["agree"][name] for row in s["per_class"]) == round(s[f"class_consistency[{name}]"] * 100)
+    assert [row["count"] for row in s["per_class"]] == [10] * 10
+    assert s[f"class_consistency[{r['feature_extractor']}]"] == s["class_consistency[digits-features]"]  # compare's key
+    assert json.loads((tmp_path / "all.json").read_text())["samples"]["per_class"] == s["per_class"]
+    assert "samples: how often each judge reads the target class" in out and "knn5-pixels" in out
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    nosk = ["--feature-classifier", str(tmp_path / "nosk" / "fc.pt"), "--out", str(tmp_path / "nosk.json")]
+    assert eval_cli.main(argv + nosk) == 0
+    r = json.loads((tmp_path / "nosk.json").read_text())
+    assert set(r["judges"]) == {"digits-features", "knn5-pixels"} and "jdm_fast[eval]" in r["judges_skipped"]["svm"]
+    assert "judge svm skipped: scikit-learn is not installed" in capsys.readouterr().out
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the judges were checked")
+    monkeypatch.setattr(eval_cli, "load_joint_model", no_work)
+    assert eval_cli.main(argv + nosk + ["--judges", "cnn", "svm"]) == 2
+    assert "--judges svm needs scikit-learn" in capsys.readouterr().err
 
 
 def test_load_model_reads_checkpoints_and_safetensors_exports(trained_run, tmp_path):

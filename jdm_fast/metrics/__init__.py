@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Fréchet distance, improved precision/recall, feature extractors."""
+"""Sample-quality metrics: Fréchet distance, improved precision/recall, feature extractors, and the
+judges (independent classifiers of several families) that read the class of generated images."""
 from .features import (
     FEATURE_CLASSIFIER_NAME,
     ClassifierFeatures,
@@ -10,22 +11,52 @@ from .features import (
     save_feature_classifier,
     train_feature_classifier,
 )
+from .judges import (
+    JUDGE_IDS,
+    SKLEARN_HINT,
+    CNNJudge,
+    Judge,
+    KNNJudge,
+    SVMJudge,
+    class_agreement,
+    fit_judge,
+    get_judges,
+    judge_report,
+    load_judge,
+    plan_judges,
+    save_judge,
+    sklearn_available,
+)
 from .fid import feature_statistics, fid_from_features, frechet_distance
 from .precision_recall import knn_radii, precision_recall
 
 __all__ = [
     "FEATURE_CLASSIFIER_NAME",
+    "JUDGE_IDS",
+    "SKLEARN_HINT",
+    "CNNJudge",
     "ClassifierFeatures",
     "FeatureNet",
     "FeatureNetConfig",
     "InceptionFeatures",
+    "Judge",
+    "KNNJudge",
+    "SVMJudge",
+    "class_agreement",
     "feature_statistics",
     "fid_from_features",
+    "fit_judge",
     "frechet_distance",
     "get_feature_classifier",
+    "get_judges",
+    "judge_report",
     "knn_radii",
     "load_feature_classifier",
+    "load_judge",
+    "plan_judges",
     "precision_recall",
     "save_feature_classifier",
+    "save_judge",
+    "sklearn_available",
     "train_feature_classifier",
 ]
