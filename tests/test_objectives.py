@@ -218,6 +218,10 @@ def test_compare_quick_trains_every_objective_and_fills_every_cell(tmp_path):
     for row in data["summary"]:
         have = {k for k in ("test_acc_ema", "fid", "precision", "recall", "cond_consistency") if k in row}
         assert have == defined[row["objective"]], row
+    for r in data["runs"]:  # every judge's agreement with the targets, the feature classifier's in the table
+        if r["objective"] == "joint":
+            assert {"digits-features", "knn5-pixels"} <= r["cond_consistency_by_judge"].keys()
+            assert r["cond_consistency"] == r["cond_consistency_by_judge"]["digits-features"]
     table = (out / "compare.md").read_text()
     assert table.count("\n| joint |") == 2 and table.count("\n| classifier |") == 2 and "| diffusion | unused |" in table
     # each run trained what its name says (the trainer's own config.json)

@@ -141,8 +141,10 @@ def run_one(args: argparse.Namespace, spec: RunSpec, root: Path, log) -> dict:
     if "uncond" in ev:
         result.update(fid=ev["uncond"][f"FID[{fe}]"], precision=ev["uncond"][f"precision[{fe}]"],
                       recall=ev["uncond"][f"recall[{fe}]"])
-    if "cond" in ev:
-        result["cond_consistency"] = ev["cond"][f"class_consistency[{ev['feature_extractor']}]"]
+    if "cond" in ev:  # every judge's agreement in the JSON; the table's column is the feature classifier's
+        judges = {k[len("class_consistency["):-1]: v for k, v in ev["cond"].items() if k.startswith("class_consistency[")}
+        result["cond_consistency_by_judge"] = judges
+        result["cond_consistency"] = judges.get(fe, next(iter(judges.values())))
     _write_json(out / "result.json", result)
     (out / "log.txt").write_text("\n".join(lines) + "\n")
     return result
