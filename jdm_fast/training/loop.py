@@ -461,10 +461,9 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
     if ctx.enabled:
         log(f"data parallel: {ctx.world_size} processes ({dist_backend()}), global batch {cfg.batch_size} = "
             f"{ctx.world_size} x {local_batch}")
-    parts = {"joint": f"head input {model.head.in_features if model.head is not None else 0}",
-             "diffusion": "no head", "classifier": f"no decoder, head input "
-             f"{model.head.in_features if model.head is not None else 0}"}
-    log(f"objective {cfg.model.objective} | model {n_params / 1e6:.2f}M parameters ({parts[cfg.model.objective]}) | "
+    shape = "no head" if model.head is None else f"head input {model.head.in_features}"
+    shape = shape if model.unet.has_decoder else f"no decoder, {shape}"
+    log(f"objective {cfg.model.objective} | model {n_params / 1e6:.2f}M parameters ({shape}) | "
         f"data {train_ds.name}: {len(train_ds)} train / {len(test_ds)} test | out {out}")
 
     def record(entry: dict) -> None:
