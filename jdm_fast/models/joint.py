@@ -225,15 +225,10 @@ class JointDiffusion(nn.Module):
         if key is not None:
             if t is not None or noise is not None:
                 raise ValueError("pass either key or explicit t/noise, not both")
-            if not (0 <= key.start and key.start + b <= key.global_size):
-                raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
-                                 f"batch of {key.global_size}")
+            first, masks, labelled_total, scale = self._keyed(key, b, x0.device)
             # Drawn on the device from (seed, global example index): no host sync, one graph.
-            first = key.first_example(x0.device)
             t = noise_ops.counter_timesteps(first, key.seed, b, self.diffusion.num_timesteps)
-            masks = self._head_dropout_masks(key.seed, first, b) if self.training else None
             x_t, noise = self.diffusion.q_sample_keyed(x0, t, key.seed, first)
-            labelled_total, scale = key.labelled, key.global_size / b
         else:
             if t is None:
                 t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=x0.device)
@@ -270,6 +265,17 @@ class JointDiffusion(nn.Module):
         total = diffusion_loss + self.config.classifier_weight * cls_loss
         return JointLoss(total, diffusion_loss, cls_loss, correct, labelled)
 
+    def _keyed(self, key: BatchKey, b: int, device: torch.device) -> tuple:
+        """``(first, masks, labelled_total, scale)`` of a keyed batch of ``b`` local examples: the first
+        global example index on the device, the head's dropout masks (training only, else None), and
+        the classifier term's denominator and scale (see ``forward``)."""
+        if not (0 <= key.start and key.start + b <= key.global_size):
+            raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
+                             f"batch of {key.global_size}")
+        first = key.first_example(device)
+        masks = self._head_dropout_masks(key.seed, first, b) if self.training else None
+        return first, masks, key.labelled, key.global_size / b
+
     def _classifier_only(self, x_cls: torch.Tensor, y: torch.Tensor, t, noise, key: BatchKey | None) -> JointLoss:
         """Objective "classifier": CE (weight 1) of the encoder + head on ``x_cls`` at t = 0, with the
         joint loss's keyed head dropout and loss scaling; nothing is noised."""
@@ -278,14 +284,8 @@ class JointDiffusion(nn.Module):
         b = x_cls.shape[0]
         labelled_total, scale, masks = None, 1.0, None
         if key is not None:
-            if not (0 <= key.start and key.start + b <= key.global_size):
-                raise ValueError(f"key: local examples {key.start}..{key.start + b - 1} do not fit in a global "
-                                 f"batch of {key.global_size}")
-            first = key.first_example(x_cls.device)
-            masks = self._head_dropout_masks(key.seed, first, b) if self.training else None
-            labelled_total, scale = key.labelled, key.global_size / b
+            _, masks, labelled_total, scale = self._keyed(key, b, x_cls.device)
         zeros = torch.zeros(b, dtype=torch.long, device=x_cls.device)
-        feats = self.unet.features(self.unet.encode(x_cls, zeros))
-        logits = self.head(feats) if masks is None else self.head(feats, masks)
+        logits = self.head(self.unet.features(self.unet.encode(x_cls, zeros)), masks)
         cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
         return JointLoss(cls_loss, torch.zeros_like(cls_loss), cls_loss, correct, labelled)
