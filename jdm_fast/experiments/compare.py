@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from jdm_fast.checkpoint import atomic_write
 from jdm_fast.training.config import PRESETS, TrainConfig, get_preset
 
 QUICK = {"steps": 8, "seeds": [0], "labelled_fractions": [1.0, 0.1], "num": 16, "cond_num": 12, "sample_steps": 3}
@@ -116,9 +117,8 @@ def _evaluate_args(args: argparse.Namespace, checkpoint: Path, root: Path, seed:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    blob = json.dumps(data, indent=2).encode()
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def run_one(args: argparse.Namespace, spec: RunSpec, root: Path, log) -> dict:
