@@ -27,7 +27,7 @@ from jdm_fast.diffusion.samplers import ancestral_step, ddim_step
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.joint import JointConfig, JointDiffusion
 from jdm_fast.training.config import PRESETS, get_preset
-from jdm_fast.training.loop import _export_safetensors
+from jdm_fast.training.loop import export_safetensors
 
 TOL = 1e-5
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -82,7 +82,7 @@ def _train_config(model: JointDiffusion, schedule: str, T: int):
 
 def _save_export(model, schedule, T, path, step=7):
     """The trainer's safetensors export (model_ema.safetensors)."""
-    _export_safetensors(model, path, _train_config(model, schedule, T), "ema", step)
+    export_safetensors(model, path, _train_config(model, schedule, T), "ema", step)
     return path
 
 

@@ -165,12 +165,12 @@ def read_state_dict(path: Path) -> dict:
     import torch
 
     from jdm_fast.checkpoint import UnsafeFileError, safe_load
+    from jdm_fast.generation.loading import file_kind
 
     if not path.is_file():
         raise FileNotFoundError(f"no state dict at {path}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    kind = file_kind(path)
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -178,7 +178,7 @@ def read_state_dict(path: Path) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ConversionError(f"{path} is a truncated or corrupt safetensors file: {e}") from e
-    if not head.startswith(b"PK\x03\x04"):  # torch.save's zip archive
+    if kind != "checkpoint":  # torch.save's zip archive
         raise ConversionError(f"{path} is neither a torch.save state dict nor a safetensors file")
     try:
         state = safe_load(path, "state dict")
@@ -194,20 +194,6 @@ def read_state_dict(path: Path) -> dict:
         raise ConversionError(f"{path} holds {kind}, not a state dict (a flat dict of tensors as their "
                               "training saves it)")
     return state
-
-
-def strip_prefixes(state: dict) -> tuple[dict, int]:
-    """Drop ``module.`` / ``_orig_mod.`` prefixes; (stripped state, number of keys changed)."""
-    out, changed = {}, 0
-    for k, v in state.items():
-        key = k
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        changed += key != k
-        if key in out:
-            raise ConversionError(f"two keys of CKPT become {key!r} once their prefixes are stripped")
-        out[key] = v
-    return out, changed
 
 
 # ---------------------------------------------------------------------------- flags -> config
@@ -506,12 +492,10 @@ def convert(args) -> list[str]:
     import dataclasses
 
     import torch
-    from safetensors.torch import save as safetensors_bytes
 
     from jdm_fast.checkpoint import CHECKPOINT_NAME, atomic_write, save_checkpoint
-    from jdm_fast.diffusion import GaussianDiffusion, make_betas
-    from jdm_fast.generation.loading import load_joint_model
-    from jdm_fast.models.joint import JointDiffusion
+    from jdm_fast.generation.loading import load_joint_model, strip_prefixes
+    from jdm_fast.training.loop import build_model, export_safetensors
 
     src, out = Path(args.checkpoint), Path(args.out)
     raw, stripped = strip_prefixes(read_state_dict(src))
@@ -523,7 +507,7 @@ def convert(args) -> list[str]:
     present = [n for n in names if (out / n).exists()]
     if present and not args.overwrite:
         raise FileExistsError(f"{out} already has {', '.join(present)}: pass --overwrite to replace them")
-    model = JointDiffusion(cfg.model, GaussianDiffusion(make_betas(cfg.schedule, cfg.num_timesteps)))
+    model = build_model(cfg, torch.device("cpu"))
     state = convert_state(raw, model, args, notes)
     model.load_state_dict(state, strict=True)
     u = cfg.model.unet
@@ -565,9 +549,7 @@ def convert(args) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / CHECKPOINT_NAME, {"config": dataclasses.asdict(cfg), "step": 0, "model": tensors,
                                             "ema": tensors, "converted_from": converted_from}, keep_previous=False)
-    data = safetensors_bytes(tensors, metadata={"config": cfg.to_json(), "weights": weights, "step": "0",
-                                                "converted_from": json.dumps(converted_from)})
-    atomic_write(out / names[1], lambda f: f.write(data), size_hint=len(data))
+    export_safetensors(model, out / names[1], cfg, weights, 0, converted_from=json.dumps(converted_from))
     atomic_write(out / "config.json", lambda f: f.write(cfg.to_json().encode()))
     # Read back the way users will: the files load into the same weights.
     for name in names[:2]:

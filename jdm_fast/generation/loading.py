@@ -52,15 +52,19 @@ class LoadedModel:
         return (u.in_channels, u.image_size, u.image_size)
 
 
-def _strip(state: dict) -> dict:
-    """Drop wrapper prefixes (torch.compile ``_orig_mod.``, DDP ``module.``) from state-dict keys."""
-    out = {}
+def strip_prefixes(state: dict) -> tuple[dict, int]:
+    """Drop wrapper prefixes (torch.compile ``_orig_mod.``, DDP ``module.``) from state-dict keys:
+    ``(stripped state, number of keys changed)``; two keys that become one are an error."""
+    out, changed = {}, 0
     for k, v in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+        key = k
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        changed += key != k
+        if key in out:
+            raise RuntimeError(f"two keys of the state dict become {key!r} once their prefixes are stripped")
+        out[key] = v
+    return out, changed
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip archive (what checkpoint.pt is)
@@ -127,7 +131,7 @@ def load_joint_model(path: str | Path, *, ema: bool = True, device: str | torch.
         raise RuntimeError(f"{path} has no model configuration")
     diffusion = GaussianDiffusion(make_betas(cfg.get("schedule", "jdm_linear"), cfg.get("num_timesteps", 1000)))
     model = JointDiffusion(JointConfig(**cfg["model"]), diffusion.to(device))
-    model.load_state_dict(_strip(weights_state))
+    model.load_state_dict(strip_prefixes(weights_state)[0])
     model.to(device).eval().requires_grad_(False)
     dataset = cfg.get("dataset", "digits")
     augment = default_augment(dataset) if cfg.get("augment", True) else None

@@ -226,12 +226,14 @@ def _probe_cpu_amp(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, prec
     return Precision(None, False, "fp32: bf16 autocast measured slower than fp32 on this CPU")
 
 
-def _export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig, weights: str, step: int) -> None:
+def export_safetensors(model: torch.nn.Module, path: Path, cfg: TrainConfig, weights: str, step: int,
+                       **metadata: str) -> None:
     """The weights with the run's config, which weights they are ("raw" | "ema") and the step in the
-    metadata (what ``jdm_fast.load_model`` reads). Atomic, like checkpoints: a full disk leaves the
-    previous export (or none), never a torn one."""
+    metadata (what ``jdm_fast.load_model`` reads), plus any extra ``metadata`` strings. Atomic, like
+    checkpoints: a full disk leaves the previous export (or none), never a torn one."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = safetensors_bytes(tensors, metadata={"config": cfg.to_json(), "weights": weights, "step": str(step)})
+    data = safetensors_bytes(tensors, metadata={"config": cfg.to_json(), "weights": weights, "step": str(step),
+                                                **metadata})
     atomic_write(path, lambda f: f.write(data), size_hint=len(data))
 
 
@@ -561,8 +563,8 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
     bar.close()
     final = evaluate(cfg.steps, final=True)
     if ctx.is_main:
-        _export_safetensors(model, out / "model.safetensors", cfg, "raw", cfg.steps)
-        _export_safetensors(ema.model, out / "model_ema.safetensors", cfg, "ema", cfg.steps)
+        export_safetensors(model, out / "model.safetensors", cfg, "raw", cfg.steps)
+        export_safetensors(ema.model, out / "model_ema.safetensors", cfg, "ema", cfg.steps)
         log(f"final (step {cfg.steps}): {_describe_eval(final, samples=False)}")
         grid = f"{final['samples']}, " if "samples" in final else ""
         log(f"wrote {ckpt_path}, {out / 'model.safetensors'}, {out / 'model_ema.safetensors'}, {grid}{metrics_path}")
