@@ -314,7 +314,7 @@ def export(src: str | Path, out: str | Path, *, ema: bool = True, overwrite: boo
     _prepare_out(out, overwrite)
     loaded: LoadedModel = load_joint_model(src, ema=ema, device="cpu")
     joint = loaded.model
-    check_expressible(joint.config.unet, generates=getattr(joint.config, "generates", True))
+    check_expressible(joint.config.unet, generates=joint.config.generates)
     unet = joint.unet.float()
     cfg = unet.config
     betas = joint.diffusion.betas.detach().cpu().double()
@@ -324,7 +324,7 @@ def export(src: str | Path, out: str | Path, *, ema: bool = True, overwrite: boo
         f"{loaded.step}, trained on {loaded.dataset}; UNet {n_ours / 1e6:.2f}M parameters ({_describe(cfg)}); "
         f"T = {T}, {_schedule_name(betas)} betas")
 
-    if getattr(joint, "head", None) is None:
+    if joint.head is None:
         head_note = "none: the model has no classifier head (objective 'diffusion')"
     else:
         head_note = ("stays jdm_fast's: UNet2DModel has no place for the head or the pooled encoder features it "
@@ -382,7 +382,7 @@ def export(src: str | Path, out: str | Path, *, ema: bool = True, overwrite: boo
         f"(DDPMPipeline), {EXPORT_INFO}")
     log(f"check: noise prediction max relative difference {err:.2g} (float32, {CHECK_BATCH} inputs at t = "
         f"{', '.join(map(str, ts))}); alphas_cumprod {abar_err:.2g} (diffusers keeps it in float32)")
-    if getattr(joint, "head", None) is not None:
+    if joint.head is not None:
         log("not exported: the classifier head (it stays jdm_fast's: jdm_fast.load_model(CKPT))")
     return info
 
