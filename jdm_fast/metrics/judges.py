@@ -83,6 +83,12 @@ def _flat(images: np.ndarray, shape: tuple, name: str) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float64)
 
 
+def _rows(images: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference images of a pixel judge as float64 rows, and their squared norms."""
+    flat = _flat(images, images.shape[1:], name)
+    return flat, (flat * flat).sum(1)
+
+
 def _sq_distances(x: np.ndarray, ref: np.ndarray, ref_sq: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances (len(x), len(ref)) of integer-valued float64 rows: exact (every
     partial sum is an integer below 2**53), whatever order BLAS sums in."""
@@ -105,8 +111,7 @@ class KNNJudge:
 
     def __post_init__(self):
         self.name = f"knn{self.k}-pixels"
-        self._ref = _flat(self.train_images, self.train_images.shape[1:], self.name)
-        self._ref_sq = (self._ref * self._ref).sum(1)
+        self._ref, self._ref_sq = _rows(self.train_images, self.name)
         self.info = {"family": f"k-NN (k = {self.k}, Euclidean) on raw pixels", **self.info}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -149,8 +154,7 @@ class SVMJudge:
 
     def __post_init__(self):
         self.name = "svm-rbf-pixels"
-        self._sv = _flat(self.support_images, self.support_images.shape[1:], self.name)
-        self._sv_sq = (self._sv * self._sv).sum(1)
+        self._sv, self._sv_sq = _rows(self.support_images, self.name)
         self.info = {"family": f"RBF SVM (C = {self.C:g}, gamma = {self.gamma:.4g}) on pixels in [0, 1]", **self.info}
 
     def decision_function(self, images: np.ndarray) -> np.ndarray:
@@ -228,7 +232,7 @@ def fit_judge(kind: str, dataset: str, data_dir: str | None = None, *, max_train
         if len(np.unique(labels)) < 2:
             raise ValueError(f"the svm judge needs two or more classes in {dataset!r}'s train split")
 
-        x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+        x = _flat(images, images.shape[1:], "svm judge") / 255.0
         svc = SVC(C=SVM_C, kernel="rbf", gamma="scale").fit(x, labels)
         judge = SVMJudge(images[svc.support_], svc.n_support_.astype(np.int64), np.asarray(svc.dual_coef_, np.float64),
                          np.asarray(svc.intercept_, np.float64), svc.classes_.astype(np.int64), float(svc._gamma),
