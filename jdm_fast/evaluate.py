@@ -18,7 +18,10 @@ Reports (printed table + JSON, default ``<checkpoint folder>/eval.json``):
   judge is skipped and the results say so). The pixel judges are cached next to the feature
   classifier (``judge_knn.safetensors``, ``judge_svm.safetensors``; data only).
 ``--samples samples.npz`` (from ``python -m jdm_fast.sample``) evaluates those images instead of
-generating; its labels >= 0 are the targets for class consistency.
+generating; its labels >= 0 are the targets for class consistency. A counterfactual file
+(``--mode counterfactual``) is judged per ``t_start``/``alpha`` setting, each with the fraction
+the model's own head reads as the target (``head_reads_target``) next to the judges'.
+Generated conditional samples take the sampler's ``--purify``, ``--retries``/``--accept`` and ``--amp``.
 
 A model trained with ``--objective diffusion`` (no head) gets no test accuracy and no conditional
 samples; one trained with ``--objective classifier`` (no decoder) gets test accuracy only
@@ -54,6 +57,7 @@ from jdm_fast.metrics import (
     precision_recall,
 )
 from jdm_fast.training.config import check_device
+from jdm_fast.training.precision import amp_dtype
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,6 +74,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generated samples")
     p.add_argument("--alpha", type=float, default=SampleSettings().alpha,
                    help="representation step of the cond samples (normalised; see python -m jdm_fast.sample -h)")
+    p.add_argument("--purify", type=float, default=SampleSettings().purify,
+                   help="cond samples: re-noise to this fraction of T and denoise unsteered (see python -m jdm_fast.sample -h)")
+    p.add_argument("--retries", type=int, default=SampleSettings().retries,
+                   help="cond samples: redraw rounds for samples the head is unsure of (see python -m jdm_fast.sample -h)")
+    p.add_argument("--accept", type=float, default=SampleSettings().accept,
+                   help="cond samples: head confidence that needs no redraw (with --retries)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate under bf16 autocast where the hardware has fast bf16 (default on; see python -m "
+                        "jdm_fast.sample -h)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="sample from the EMA (default) or raw weights")
     p.add_argument("--inception-weights", help="torchvision Inception-v3 weights file (never downloaded)")
@@ -122,6 +135,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if not math.isfinite(args.alpha) or args.alpha < 0:
         raise ValueError(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    if not 0.0 <= args.purify < 1.0:
+        raise ValueError(f"--purify must lie in [0, 1) (a fraction of T), got {args.purify}")
+    if args.retries < 0:
+        raise ValueError(f"--retries must be >= 0, got {args.retries}")
+    if not 0.0 <= args.accept <= 1.0:
+        raise ValueError(f"--accept must lie in [0, 1] (a probability), got {args.accept}")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {ckpt}")
@@ -159,6 +178,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     sample_seconds: dict[str, float] = {}
+    head_reads: dict[str, float] = {}  # the model's own head: fraction read as the target
     if args.samples:
         path = Path(args.samples)
         if not path.is_file():
@@ -173,7 +193,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
                              f"model makes {want}")
         if data["labels"].shape != (len(data["images"]),) or (data["labels"] >= test.num_classes).any():
             raise ValueError(f"--samples {path}: 'labels' must hold one class id < {test.num_classes} (or -1) per image")
-        sets["samples"] = (data["images"], data["labels"])
+        if {"t_start", "alpha", "probs_after"} <= set(data.files):
+            # counterfactuals (python -m jdm_fast.sample --mode counterfactual): one set per setting,
+            # with the head's own reading of each counterfactual next to the judges'
+            for t, a in sorted({(float(t), float(a)) for t, a in zip(data["t_start"], data["alpha"])}):
+                rows = (data["t_start"] == t) & (data["alpha"] == a)
+                name = f"counterfactual t_start={t:g} alpha={a:g}"
+                sets[name] = (data["images"][rows], data["labels"][rows])
+                head_reads[name] = float((data["probs_after"][rows].argmax(axis=1) == data["labels"][rows]).mean())
+        else:
+            sets["samples"] = (data["images"], data["labels"])
     elif not raw.model.config.generates:
         log(f"no samples: {ckpt} was trained with --objective {raw.objective} (no decoder)")
     else:
@@ -183,7 +212,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
                              f"(pass --{'no-ema' if args.ema else 'ema'}, or the training checkpoint)")
         lm = loaded[want]
         k = lm.num_classes
-        settings = SampleSettings(steps=args.steps, alpha=args.alpha)
+        amp, why = amp_dtype(args.amp, device)
+        log(f"generating in {amp or 'fp32'}: {why}")
+        settings = SampleSettings(steps=args.steps, alpha=args.alpha, retries=args.retries, accept=args.accept,
+                                  amp=amp, purify=args.purify)
+        results["precision"] = amp or "fp32"
         modes = [m for m in args.modes if m == "uncond" or lm.model.config.classifies]
         if len(modes) < len(args.modes):
             log(f"no conditional samples: {ckpt} was trained with --objective {raw.objective} (no classifier head)")
@@ -206,9 +239,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if judges_skipped:
             results["judges_skipped"] = judges_skipped
     for name, (images, labels) in sets.items():
-        entry = _quality(extractor, real, images)
+        if len(images) > args.k:
+            entry = _quality(extractor, real, images)
+        else:  # too few for k-NN precision/recall (a small counterfactual setting)
+            entry = {"num": int(len(images))}
         if name in sample_seconds:
             entry["seconds"] = sample_seconds[name]
+        if name in head_reads:
+            entry["head_reads_target"] = head_reads[name]
         has = labels >= 0
         if has.any():
             agreement = class_agreement({j.name: j.predict(images[has]) for j in judges}, labels[has], test.num_classes)

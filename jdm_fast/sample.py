@@ -55,6 +55,7 @@ from jdm_fast.generation import (
     load_joint_model,
 )
 from jdm_fast.training.config import check_device
+from jdm_fast.training.precision import amp_dtype
 
 DEFAULTS = SampleSettings()
 
@@ -94,6 +95,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steer-until", type=float, default=DEFAULTS.t_min,
                    help="steer only at timesteps t >= this fraction of T; the last reverse steps then just denoise "
                         f"(cond, guided, counterfactual; default {DEFAULTS.t_min:g}, 0 = every step)")
+    p.add_argument("--purify", type=float,
+                   help="cond/guided: noise each finished sample again to this fraction of T and denoise it "
+                        f"without steering (round(steps * F) steps of the mode's sampler; default {DEFAULTS.purify:g}, "
+                        "0 with --authors-variant or --head-input xt; 0 = off)")
+    p.add_argument("--retries", type=int,
+                   help="cond/guided/counterfactual: rounds that redraw (fresh noise) each sample whose head reads "
+                        "its target with probability < --accept (mean over the head views), keeping the more "
+                        f"confident copy (default {DEFAULTS.retries}, 0 with --authors-variant or --head-input xt; "
+                        "0 = no redraws)")
+    p.add_argument("--accept", type=float, default=DEFAULTS.accept,
+                   help=f"head confidence a sample needs not to be redrawn (with --retries; default {DEFAULTS.accept:g})")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the reverse process under bf16 autocast where the hardware has fast bf16 (a CPU with "
+                        "AVX512-BF16/AMX, a bf16 GPU), fp16 on older GPUs, fp32 otherwise (the choice is printed; "
+                        "default on, --no-amp: fp32)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale, help="classifier-guidance scale (guided)")
     p.add_argument("--t-start", type=float, nargs="+", default=[0.3],
                    help="counterfactual noise level(s) as a fraction of T, in (0, 1]")
@@ -141,6 +157,26 @@ def validate(args: argparse.Namespace) -> None:
     for t in args.t_start:
         if not 0.0 < t <= 1.0:
             raise ValueError(f"--t-start must lie in (0, 1] (a fraction of T), got {t}")
+    # --purify / --retries: None = the default of the modes they apply to, 0 elsewhere and for the
+    # literal variants (--authors-variant, --head-input xt), which show the published update alone
+    literal = args.authors_variant or args.head_input == "xt"
+    if args.purify is not None:
+        if not 0.0 <= args.purify < 1.0:
+            raise ValueError(f"--purify must lie in [0, 1) (a fraction of T), got {args.purify}")
+        if args.mode not in ("cond", "guided"):
+            raise ValueError(f"--purify is for --mode cond and guided, not {args.mode}")
+    if args.purify is None:
+        args.purify = DEFAULTS.purify if args.mode in ("cond", "guided") and not literal else 0.0
+    if args.retries is not None:
+        if args.retries < 0:
+            raise ValueError(f"--retries must be >= 0, got {args.retries}")
+        if args.mode == "uncond":
+            raise ValueError("--retries redraws samples the head is unsure of: it is for the steered modes (cond, "
+                             "guided, counterfactual), not uncond")
+    if args.retries is None:
+        args.retries = 0 if args.mode == "uncond" or literal else DEFAULTS.retries
+    if not 0.0 <= args.accept <= 1.0:
+        raise ValueError(f"--accept must lie in [0, 1] (a probability), got {args.accept}")
     if args.inner_steps < 1:
         raise ValueError(f"--inner-steps must be >= 1, got {args.inner_steps}")
     if args.head_views < 1:
@@ -180,11 +216,13 @@ def counterfactual_grid(x0: torch.Tensor, cf: torch.Tensor, path: Path) -> Path:
     return save_grid(rows, path, nrow=3)
 
 
-def _settings(args: argparse.Namespace, steps: int | None, sampler: str, alpha: float) -> SampleSettings:
+def _settings(args: argparse.Namespace, steps: int | None, sampler: str, alpha: float,
+              amp: str | None = None) -> SampleSettings:
     return SampleSettings(steps=steps, sampler=sampler, alpha=alpha, guidance_scale=args.guidance_scale,
                           authors=args.authors_variant, head_input=args.head_input, normalize=not args.raw_step,
                           inner_steps=args.inner_steps, t_min=args.steer_until, head_views=args.head_views,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, retries=args.retries, accept=args.accept, amp=amp,
+                          purify=args.purify)
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -205,22 +243,28 @@ def run(args: argparse.Namespace, log=print) -> dict:
     out = Path(args.out) if args.out else lm.path.parent / f"samples_{args.mode}"
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(args.seed)
+    amp, why = amp_dtype(args.amp, device)
     log(f"{lm.path} (step {lm.step}, {lm.weights} weights) | mode {args.mode} | {sampler} "
-        f"{'full chain' if steps is None else f'{steps} steps'} | seed {args.seed}")
+        f"{'full chain' if steps is None else f'{steps} steps'} | seed {args.seed} | precision {amp or 'fp32'}: {why}")
     start = time.perf_counter()
     if args.mode == "counterfactual":
-        result = _run_counterfactuals(args, lm, steps, sampler, g, out, log)
+        result = _run_counterfactuals(args, lm, steps, sampler, g, out, log, amp)
     else:
-        settings = _settings(args, steps, sampler, args.alpha[0])
+        settings = _settings(args, steps, sampler, args.alpha[0], amp)
         labels = None
         if args.mode != "uncond":
             labels = torch.full((args.num,), args.cls) if args.cls is not None else balanced_labels(args.num, k)
-        x = generate(model, args.mode, args.num, labels, settings, g, device, augment=lm.augment)
+        stats: dict = {}
+        x = generate(model, args.mode, args.num, labels, settings, g, device, augment=lm.augment, stats=stats)
         images = to_uint8(x)
         np.savez(out / "samples.npz", images=images,
                  labels=(labels.numpy() if labels is not None else np.full(args.num, -1)).astype(np.int64))
         grid = save_grid(x, out / "samples.png", nrow=k if labels is not None and args.cls is None else None)
         result = {"mode": args.mode, "num": args.num, "grid": str(grid)}
+        if labels is not None and settings.retries:
+            result.update(stats)
+            log(f"redrew {stats['redrawn']} samples in up to {settings.retries} rounds (head confidence < "
+                f"{settings.accept:g}); {stats['below_accept']} of {args.num} still below it")
         if labels is not None:
             head = head_probabilities(model, x).argmax(dim=1).cpu()
             result["head_target_rate"] = float((head == labels).float().mean())
@@ -230,13 +274,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
                   objective=lm.objective, weights=lm.weights, step=lm.step, authors_variant=args.authors_variant,
                   head_input=args.head_input, raw_step=args.raw_step, alpha=args.alpha,
                   guidance_scale=args.guidance_scale, steer_until=args.steer_until, inner_steps=args.inner_steps,
-                  head_views=args.head_views if lm.augment is not None else 1, sampler=sampler, steps=args.steps)
+                  head_views=args.head_views if lm.augment is not None else 1, sampler=sampler, steps=args.steps,
+                  retries=args.retries, accept=args.accept, purify=args.purify, precision=amp or "fp32")
     (out / "sample_summary.json").write_text(json.dumps(result, indent=2))
     log(f"wrote {out / 'samples.npz'} and {out}/*.png in {result['seconds']:.1f}s")
     return result
 
 
-def _run_counterfactuals(args, lm, steps, sampler, g, out: Path, log) -> dict:
+def _run_counterfactuals(args, lm, steps, sampler, g, out: Path, log, amp: str | None = None) -> dict:
     from jdm_fast.data import load_dataset
 
     model, k = lm.model, lm.num_classes
@@ -257,15 +302,16 @@ def _run_counterfactuals(args, lm, steps, sampler, g, out: Path, log) -> dict:
     rows, summary = [], []
     for t_start in args.t_start:
         for alpha in args.alpha:
-            settings = _settings(args, steps, sampler, alpha)
+            settings = _settings(args, steps, sampler, alpha, amp)
             cf = counterfactuals(model, x0, targets.to(x0.device), t_start, settings, g, augment=lm.augment)
             grid = counterfactual_grid(x0, cf.images, out / f"counterfactuals_t{t_start:g}_a{alpha:g}.png")
             flip = float(cf.flipped.float().mean())
             change = float(cf.mean_abs_change.mean())
             summary.append({"t_start": t_start, "alpha": alpha, "flip_rate": flip, "mean_abs_change": change,
-                            "grid": str(grid)})
+                            "grid": str(grid), "redrawn": cf.redrawn, "below_accept": cf.below_accept})
             log(f"t_start {t_start:g} alpha {alpha:g}: head predicts the target for {flip:.1%} | mean |change| "
-                f"{change:.3f} | {grid}")
+                f"{change:.3f} | {grid}" + (f" | redrew {cf.redrawn}, {cf.below_accept} still below --accept"
+                                             if settings.retries else ""))
             for i in range(len(x0)):
                 pb, pa = cf.probs_before[i], cf.probs_after[i]
                 log(f"  #{i:3d} label {int(source[i]) if labels is not None else '-'} -> target {int(targets[i])}: "

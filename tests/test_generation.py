@@ -11,12 +11,16 @@ from jdm_fast import sample as sample_cli
 from jdm_fast.data import apply_augment, default_augment, load_dataset
 from jdm_fast.generation import (
     DEFAULT_SAMPLER,
+    HeadViews,
+    ReverseConfig,
     SampleSettings,
     balanced_labels,
     counterfactuals,
     generate,
     head_log_probs,
     load_joint_model,
+    reverse_process,
+    target_confidence,
     timestep_sequence,
 )
 from jdm_fast.generation.steering import _target_log_prob
@@ -47,14 +51,16 @@ def uncond_rate(trained_run):
 
 def test_cond_sampling_raises_the_independent_target_rate(trained_run, uncond_rate):
     # default: the head fed as it was trained (x0_hat of x_t, encoded at t = 0, 4 augmented views),
-    # normalised steps, ancestral sampler; measured 0.825 vs 0.10 unconditional (DDIM: 0.625)
+    # normalised steps, ancestral sampler (measured 0.825 vs 0.10 unconditional with the defaults before
+    # purify and redraws; DDIM: 0.625)
     assert _target_rate(trained_run, "cond") >= uncond_rate + 0.5
 
 
 def test_the_authors_variant_does_not_steer_towards_the_target(trained_run, uncond_rate):
     # their sign (+alpha) and the raw t fed to the head: no better than unconditional sampling
-    assert _target_rate(trained_run, "cond", authors=True) <= uncond_rate + 0.05
-    assert _target_rate(trained_run, "cond", authors=True, alpha=0.3) <= uncond_rate + 0.05
+    # (no redraws: they would select by the head whatever the update does)
+    assert _target_rate(trained_run, "cond", authors=True, retries=0) <= uncond_rate + 0.05
+    assert _target_rate(trained_run, "cond", authors=True, alpha=0.3, retries=0) <= uncond_rate + 0.05
 
 
 def test_guided_sampling_raises_the_independent_target_rate(trained_run, uncond_rate):
@@ -127,6 +133,94 @@ def test_settings_and_steering_reject_bad_values():
                 {"head_views": 0}, {"sampler": "euler"}):
         with pytest.raises(ValueError):
             SampleSettings(**bad)
+    for bad, match in (({"retries": -1}, "retries must be an int >= 0"), ({"retries": 1.5}, "retries must be an int"),
+                       ({"accept": 1.5}, r"accept must lie in \[0, 1\]"), ({"accept": -0.1}, "accept must lie"),
+                       ({"amp": "fp8"}, "amp must be None or one of"), ({"amp": "float16"}, "amp must be"),
+                       ({"purify": 1.0}, r"purify must lie in \[0, 1\)"), ({"purify": -0.2}, "purify must lie")):
+        with pytest.raises(ValueError, match=match):
+            SampleSettings(**bad)
+
+
+def test_retries_redraw_exactly_the_unsure_samples_and_never_lose_confidence(trained_run):
+    # one unaugmented head view (augment=None), so the head's confidence is a deterministic function
+    # of the image and the retried run can be checked sample by sample against the plain one
+    ckpt, fc = trained_run
+    lm = load_joint_model(ckpt)
+    y = balanced_labels(N, 10)
+    views = HeadViews()
+    plain = generate(lm.model, "cond", N, y, SampleSettings(steps=10, retries=0), torch.Generator().manual_seed(0))
+    stats: dict = {}
+    s = SampleSettings(steps=10, retries=2, accept=0.99)
+    retried = generate(lm.model, "cond", N, y, s, torch.Generator().manual_seed(0), stats=stats)
+    c0, c2 = target_confidence(lm.model, plain, y, views), target_confidence(lm.model, retried, y, views)
+    # reference confidence: float64 softmax of the head's logits, unaugmented
+    ref = torch.softmax(lm.model.classify(plain).double(), dim=1)[torch.arange(N), y]
+    assert torch.allclose(c0.double(), ref, atol=1e-5)
+    sure = c0 >= s.accept
+    assert 0 < int(sure.sum()) < N  # the fixture leaves some samples unsure: the test exercises a redraw
+    assert torch.equal(retried[sure], plain[sure])  # confident samples are kept as drawn
+    assert bool((c2 >= c0 - 1e-6).all())  # a redraw replaces a sample only by a more confident copy
+    assert not torch.equal(retried[~sure], plain[~sure])
+    assert stats["redrawn"] >= int((~sure).sum()) and stats["below_accept"] == int((c2 < s.accept).sum())
+    assert stats["below_accept"] < int((~sure).sum())
+    rate = lambda x: float((fc.predict(to_uint8(x)) == y.numpy()).mean())  # noqa: E731
+    assert rate(retried) >= rate(plain)  # the independent classifier agrees at least as often
+    # counterfactuals: a redraw re-noises the same original; only the unsure ones are made again
+    test = load_dataset("digits", "test")
+    x0 = torch.from_numpy(test.images[:10]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    tg = (torch.from_numpy(test.labels[:10]).long() + 1) % 10
+    cf0 = counterfactuals(lm.model, x0, tg, 0.3, SampleSettings(steps=10, retries=0), torch.Generator().manual_seed(0))
+    cf1 = counterfactuals(lm.model, x0, tg, 0.3, SampleSettings(steps=10, retries=1, accept=0.99),
+                          torch.Generator().manual_seed(0))
+    p0, p1 = cf0.probs_after[torch.arange(10), tg], cf1.probs_after[torch.arange(10), tg]
+    assert cf1.redrawn == int((p0 < 0.99).sum()) > 0 and cf1.below_accept == int((p1 < 0.99).sum())
+    assert bool((p1 >= p0 - 1e-5).all()) and torch.equal(cf1.images[p0 >= 0.99], cf0.images[p0 >= 0.99])
+    # no retries: no stats of redraws, and uncond never retries
+    stats0: dict = {}
+    generate(lm.model, "uncond", 2, None, s, torch.Generator().manual_seed(0), stats=stats0)
+    assert stats0 == {"redrawn": 0, "below_accept": 0}
+
+
+def test_purify_renoises_the_steered_sample_and_keeps_its_class(trained_run, uncond_rate):
+    ckpt, _ = trained_run
+    lm = load_joint_model(ckpt)
+    y = balanced_labels(4, 10)
+    run = lambda **kw: generate(lm.model, "cond", 4, y, SampleSettings(steps=10, retries=0, **kw),  # noqa: E731
+                                torch.Generator().manual_seed(0), augment=lm.augment)
+    plain, pure = run(purify=0.0), run(purify=0.3)
+    assert not torch.equal(pure, plain) and pure.abs().max() <= 1.0
+    # reference: the steered sample, noised to 0.3 T with the generator's next draw (the q(x_t | x_0)
+    # closed form), then 3 unsteered ancestral steps from there
+    g = torch.Generator().manual_seed(0)
+    x = generate(lm.model, "cond", 4, y, SampleSettings(steps=10, retries=0, purify=0.0), g, augment=lm.augment)
+    assert torch.equal(x, plain)  # purify 0 = off
+    T = lm.model.diffusion.num_timesteps
+    config = ReverseConfig("ancestral", steps=10, t_start=0.3)
+    start = config.timesteps(T)[-1]
+    assert start == round(0.3 * T) - 1 and len(config.timesteps(T)) == 3
+    abar = torch.tensor(float(lm.model.diffusion.alphas_cumprod[start]))
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * torch.randn(x.shape, generator=g)
+    ref = reverse_process(lambda xx, t, tv: (lm.model.unet(xx, t), None), lm.model.diffusion, x_t, config, generator=g)
+    assert torch.allclose(pure, ref, atol=1e-5)
+    assert _target_rate(trained_run, "cond", purify=0.3) >= uncond_rate + 0.5
+
+
+def test_amp_sampling_runs_in_bf16_and_still_steers(trained_run, uncond_rate):
+    ckpt, _ = trained_run
+    lm = load_joint_model(ckpt)
+    y = balanced_labels(4, 10)
+    x = generate(lm.model, "cond", 4, y, SampleSettings(steps=3, amp="bf16"), torch.Generator().manual_seed(0),
+                 augment=lm.augment)
+    assert x.dtype == torch.float32 and bool(torch.isfinite(x).all()) and x.abs().max() <= 1.0
+    ref = generate(lm.model, "cond", 4, y, SampleSettings(steps=3), torch.Generator().manual_seed(0),
+                   augment=lm.augment)
+    assert not torch.equal(x, ref)  # autocast really ran: bf16 rounding changes the samples
+    assert _target_rate(trained_run, "cond", amp="bf16") >= uncond_rate + 0.5
+    test = load_dataset("digits", "test")
+    x0 = torch.from_numpy(test.images[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    cf = counterfactuals(lm.model, x0, (torch.from_numpy(test.labels[:4]).long() + 1) % 10, 0.3,
+                         SampleSettings(steps=6, amp="bf16"), torch.Generator().manual_seed(0), augment=lm.augment)
+    assert cf.images.dtype == torch.float32 and bool(torch.isfinite(cf.images).all())
 
 
 def test_timestep_sequence_and_bad_t_start():
@@ -156,6 +250,32 @@ def test_sample_cli_writes_npz_and_grid(trained_run, tmp_path, capsys):
     assert sorted(set(d["t_start"].tolist())) == [0.2, 0.5]
     assert (tmp_path / "cf" / "counterfactuals_t0.2_a0.03.png").is_file()
     assert "p(target)" in capsys.readouterr().out
+    # the defaults each mode resolves: purify for cond/guided, redraws for the steered modes
+    summary = lambda d: json.loads((tmp_path / d / "sample_summary.json").read_text())  # noqa: E731
+    assert (summary("c")["purify"], summary("c")["retries"]) == (0.3, 3)
+    assert (summary("cf")["purify"], summary("cf")["retries"]) == (0.0, 3)
+    assert (summary("u")["purify"], summary("u")["retries"]) == (0.0, 0)
+    assert sample_cli.main(["--checkpoint", str(ckpt), "--mode", "cond", "--num", "2", "--steps", "2",
+                            "--authors-variant", "--out", str(tmp_path / "a")]) == 0
+    assert (summary("a")["purify"], summary("a")["retries"]) == (0.0, 0)  # the published update alone
+
+
+def test_sample_cli_amp_and_retries(trained_run, tmp_path, capsys, monkeypatch):
+    import jdm_fast.training.precision as precision
+
+    ckpt, _ = trained_run
+    argv = ["--checkpoint", str(ckpt), "--mode", "cond", "--num", "4", "--steps", "3", "--retries", "1",
+            "--accept", "1.0"]  # --amp is the default
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert sample_cli.main(argv + ["--out", str(tmp_path / want)]) == 0
+        out = capsys.readouterr().out
+        summary = json.loads((tmp_path / want / "sample_summary.json").read_text())
+        assert f"precision {want}" in out and summary["precision"] == want
+        # accept 1.0: no sample can reach it, so all 4 are redrawn once and all stay below
+        assert summary["redrawn"] == 4 and summary["below_accept"] == 4 and "redrew 4 samples" in out
+    assert sample_cli.main(argv + ["--no-amp", "--out", str(tmp_path / "off")]) == 0
+    assert json.loads((tmp_path / "off" / "sample_summary.json").read_text())["precision"] == "fp32"
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -167,6 +287,11 @@ def test_sample_cli_writes_npz_and_grid(trained_run, tmp_path, capsys):
     (["--mode", "cond", "--inner-steps", "0"], "--inner-steps must be >= 1"),
     (["--mode", "cond", "--head-views", "0"], "--head-views must be >= 1"),
     (["--mode", "cond", "--alpha", "nan"], "--alpha must be finite"),
+    (["--mode", "cond", "--retries", "-1"], "--retries must be >= 0"),
+    (["--mode", "uncond", "--retries", "2"], "it is for the steered modes"),
+    (["--mode", "cond", "--purify", "1"], r"--purify must lie in \[0, 1\)"),
+    (["--mode", "counterfactual", "--purify", "0.2"], "--purify is for --mode cond and guided"),
+    (["--mode", "cond", "--accept", "1.5"], r"--accept must lie in \[0, 1\]"),
     (["--steps", "100000"], "--steps 100000 exceeds the model's 100 diffusion steps"),
     (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--out", "FILE"], "is a file: give a folder"),
@@ -280,6 +405,31 @@ def test_evaluate_judges_labelled_samples_with_every_judge(trained_run, tmp_path
     monkeypatch.setattr(eval_cli, "load_joint_model", no_work)
     assert eval_cli.main(argv + nosk + ["--judges", "cnn", "svm"]) == 2
     assert "--judges svm needs scikit-learn" in capsys.readouterr().err
+
+
+def test_evaluate_judges_counterfactuals_per_setting_next_to_the_head(trained_run, tmp_path):
+    # a counterfactual file of real test digits: two settings, targets = the true label for the first
+    # setting and a wrong class for the second, with head probabilities that read known fractions
+    ckpt, fc = trained_run
+    test = load_dataset("digits", "test")
+    n = 20
+    images = np.concatenate([test.images[:n], test.images[:n]])
+    labels = np.concatenate([test.labels[:n], (test.labels[:n] + 1) % 10]).astype(np.int64)
+    probs = np.full((2 * n, 10), 0.05)
+    probs[np.arange(2 * n), labels] = 0.5
+    probs[:5, :] = np.eye(10)[(labels[:5] + 3) % 10]  # the head reads 15 of the first 20 as their target
+    np.savez(tmp_path / "cf.npz", images=images, labels=labels, originals=images, probs_after=probs,
+             probs_before=probs, t_start=np.repeat([0.3, 0.6], n), alpha=np.full(2 * n, 0.02))
+    argv = ["--checkpoint", str(ckpt), "--samples", str(tmp_path / "cf.npz"), "--judges", "cnn", "knn",
+            "--out", str(tmp_path / "cf.json")]
+    assert eval_cli.main(argv) == 0
+    r = json.loads((tmp_path / "cf.json").read_text())
+    near, far = r["counterfactual t_start=0.3 alpha=0.02"], r["counterfactual t_start=0.6 alpha=0.02"]
+    assert near["head_reads_target"] == 0.75 and far["head_reads_target"] == 1.0 and "samples" not in r
+    cnn = fc.predict(images)
+    assert near["class_consistency[digits-features]"] == float((cnn[:n] == labels[:n]).mean()) >= 0.85
+    assert far["class_consistency[digits-features]"] == float((cnn[n:] == labels[n:]).mean()) <= 0.15
+    assert near["num"] == far["num"] == n and "FID[digits-features]" in near
 
 
 def test_load_model_reads_checkpoints_and_safetensors_exports(trained_run, tmp_path):

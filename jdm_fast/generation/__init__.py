@@ -14,6 +14,7 @@ from .samplers import (
     generate,
     head_probabilities,
     sampler_for,
+    target_confidence,
 )
 from .steering import (
     HEAD_INPUTS,
@@ -47,6 +48,7 @@ __all__ = [
     "load_joint_model",
     "representation_eps",
     "reverse_process",
+    "target_confidence",
     "timestep_sequence",
     "unconditional_eps",
 ]

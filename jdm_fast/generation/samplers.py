@@ -2,6 +2,7 @@
 and visual counterfactuals. Every one draws all its randomness from an explicit generator."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ MODES = ("uncond", "cond", "guided", "counterfactual")
 # guided is DDIM too (the ancestral sampler guides no better); counterfactuals are DDIM so they
 # stay closer to their original.
 DEFAULT_SAMPLER = {"uncond": "ddim", "cond": "ancestral", "guided": "ddim", "counterfactual": "ddim"}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -28,16 +30,24 @@ class SampleSettings:
     steps: int | None = 50
     sampler: str | None = None  # "ddim" or "ancestral" (respaced to ``steps``); None: DEFAULT_SAMPLER[mode]
     eta: float = 0.0  # DDIM only
-    alpha: float = 0.02  # representation step (cond, counterfactual); a fraction of rms(z) when normalize
+    alpha: float = 0.033  # representation step (cond, counterfactual); a fraction of rms(z) when normalize
     guidance_scale: float = 10.0  # guided (pixel-space gradient of log p(y | x0_hat))
     authors: bool = False  # the authors' variant of cond: +alpha and raw t fed to the head (on x_t's features)
     head_input: str = "x0"  # what the head reads while steering: "x0" = x0_hat(x_t) at t = 0, "xt" = x_t's features
     normalize: bool = True  # step alpha * rms(z) * g / rms(g) per example; False = the paper's raw alpha * g
     t_min: float = 0.0  # steer only at timesteps t >= t_min * T
-    inner_steps: int = 5  # gradient steps on the representations per reverse step
+    inner_steps: int = 3  # gradient steps on the representations per reverse step
     head_views: int = 4  # augmented copies of x0_hat the head reads (head_input "x0"; needs the training augment)
     clip_denoised: bool = True
     batch_size: int = 100
+    # cond/guided/counterfactual: up to ``retries`` rounds regenerate (fresh noise) each sample whose head
+    # reads its target with probability < ``accept`` (mean over the head views); it keeps the better copy
+    retries: int = 3
+    accept: float = 0.99
+    amp: str | None = None  # autocast dtype of the reverse process: None (fp32), "bf16" or "fp16"
+    # cond/guided: after the steered chain, noise the sample again to ``purify`` * T and denoise it
+    # without steering (the mode's sampler, round(steps * purify) steps); 0 = off
+    purify: float = 0.3
 
     def __post_init__(self) -> None:
         if self.sampler is not None and self.sampler not in SAMPLERS:
@@ -56,6 +66,14 @@ class SampleSettings:
             raise ValueError(f"t_min must lie in [0, 1), got {self.t_min}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {self.retries!r}")
+        if not 0.0 <= self.accept <= 1.0:
+            raise ValueError(f"accept must lie in [0, 1] (a probability), got {self.accept}")
+        if not 0.0 <= self.purify < 1.0:
+            raise ValueError(f"purify must lie in [0, 1) (a fraction of T), got {self.purify}")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
 
 
 def sampler_for(mode: str, settings: SampleSettings) -> str:
@@ -106,13 +124,34 @@ def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleS
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _autocast(settings: SampleSettings, device):
+    if settings.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[settings.amp])
+
+
+@torch.no_grad()
+def target_confidence(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, views: HeadViews) -> torch.Tensor:
+    """The head's probability of class ``y`` for images ``x`` in [-1, 1], averaged over ``views``: (N,)."""
+    logp = views.log_probs(model, x)
+    p = logp.exp() if logp.ndim == 2 else logp.exp().mean(dim=0)
+    return p.gather(1, y.long()[:, None])[:, 0]
+
+
 def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | None, settings: SampleSettings,
              generator: torch.Generator, device: torch.device | str = "cpu", *,
-             augment: AugmentConfig | None = None) -> torch.Tensor:
+             augment: AugmentConfig | None = None, stats: dict | None = None) -> torch.Tensor:
     """``num`` samples (N, C, H, W) in [-1, 1]; ``labels`` (N,) are the target classes (cond, guided).
 
     ``augment``: the head's training augmentation (``LoadedModel.augment``), for the head views of
-    steered modes; None = one unaugmented view."""
+    steered modes; None = one unaugmented view. ``settings.purify`` > 0 (cond, guided): each
+    finished sample is noised again to that fraction of T and denoised unsteered (:func:`_purify`).
+    ``settings.amp``: the reverse process runs under autocast in that dtype; the samples are float32.
+    ``settings.retries`` > 0 (cond, guided): after a
+    batch, samples whose head confidence in the target (:func:`target_confidence`) is below
+    ``settings.accept`` are drawn again from fresh noise, up to ``retries`` rounds, each keeping the
+    copy the head is more confident in. ``stats`` (a dict), when given, receives ``redrawn`` (samples
+    drawn again, all rounds) and ``below_accept`` (samples still under the threshold at the end)."""
     if mode not in ("uncond", "cond", "guided"):
         raise ValueError(f"generate: mode must be uncond, cond or guided, got {mode!r}")
     if mode != "uncond":
@@ -123,14 +162,60 @@ def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | 
     u = model.config.unet
     config = _reverse_config(mode, settings, model.diffusion.num_timesteps)
     views = None if mode == "uncond" else _head_views(generator, settings, augment, device)
-    out = []
+
+    def draw(y: torch.Tensor | None, b: int) -> torch.Tensor:
+        x = torch.randn((b, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
+        with _autocast(settings, device):
+            x = reverse_process(_eps_fn(model, mode, y, settings, config, views), model.diffusion, x, config,
+                                generator=generator)
+            if mode != "uncond" and settings.purify > 0:
+                x = _purify(model, mode, x, settings, generator)
+        return x.float()
+
+    out, redrawn, below = [], 0, 0
     for i in range(0, num, settings.batch_size):
         b = min(settings.batch_size, num - i)
-        x = torch.randn((b, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
         y = None if labels is None else labels[i:i + b].to(device)
-        out.append(reverse_process(_eps_fn(model, mode, y, settings, config, views), model.diffusion, x, config,
-                                   generator=generator))
+        x = draw(y, b)
+        if mode != "uncond":
+            x, n, left = _redraw_unsure(model, x, y, views, settings, lambda idx: draw(y[idx], idx.numel()))
+            redrawn, below = redrawn + n, below + left
+        out.append(x)
+    if stats is not None:
+        stats.update(redrawn=redrawn, below_accept=below)
     return torch.cat(out)
+
+
+def _purify(model: JointDiffusion, mode: str, x: torch.Tensor, settings: SampleSettings,
+            generator: torch.Generator) -> torch.Tensor:
+    """``x`` noised to ``settings.purify`` * T with fresh noise and denoised without steering: what
+    the steering drew that the diffusion model does not keep (texture only a classifier reads) is
+    washed out; the digit's shape, set at higher noise, stays."""
+    config = _reverse_config(mode, settings, model.diffusion.num_timesteps, settings.purify)
+    start = config.timesteps(model.diffusion.num_timesteps)[-1]
+    t = torch.full((x.shape[0],), start, dtype=torch.long, device=x.device)
+    x_t = model.diffusion.q_sample(x.float(), t, torch.randn(x.shape, generator=generator, device=x.device))
+    return reverse_process(unconditional_eps(model), model.diffusion, x_t, config, generator=generator)
+
+
+def _redraw_unsure(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, views: HeadViews,
+                   settings: SampleSettings, draw) -> tuple[torch.Tensor, int, int]:
+    """Up to ``settings.retries`` rounds: the samples of ``x`` whose head confidence in ``y`` is below
+    ``settings.accept`` are drawn again (``draw(indices)``: new samples for those rows), each keeping
+    the more confident copy. Returns the samples, how many were redrawn, how many stay below."""
+    if settings.retries == 0:
+        return x, 0, 0
+    conf, redrawn = target_confidence(model, x, y, views), 0
+    for _ in range(settings.retries):
+        redo = (conf < settings.accept).nonzero()[:, 0]
+        if redo.numel() == 0:
+            break
+        redrawn += redo.numel()
+        xn = draw(redo)
+        cn = target_confidence(model, xn, y[redo], views)
+        better = cn > conf[redo]
+        x[redo[better]], conf[redo[better]] = xn[better], cn[better]
+    return x, redrawn, int((conf < settings.accept).sum())
 
 
 @torch.no_grad()
@@ -149,6 +234,8 @@ class Counterfactuals:
     probs_after: torch.Tensor  # (N, K) head softmax of the counterfactuals
     t_start: float
     alpha: float
+    redrawn: int = 0  # counterfactuals drawn again from fresh noise (settings.retries)
+    below_accept: int = 0  # counterfactuals still under settings.accept
 
     @property
     def flipped(self) -> torch.Tensor:
@@ -166,7 +253,9 @@ def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tens
                     augment: AugmentConfig | None = None) -> Counterfactuals:
     """Noise ``x0`` to ``t_start`` (a fraction of T), then run the representation-optimized reverse
     process towards ``targets`` from there to t = 0 (``round(steps * t_start)`` DDIM steps, or the
-    full chain below the start)."""
+    full chain below the start). ``settings.retries`` > 0: a counterfactual the head reads as its
+    target with probability < ``settings.accept`` is made again from the same original with fresh
+    noise, keeping the more confident copy (as :func:`generate`)."""
     if not isinstance(t_start, (int, float)) or not 0.0 < t_start <= 1.0:
         raise ValueError(f"t_start must lie in (0, 1] (a fraction of T), got {t_start}")
     if x0.ndim != 4 or targets.shape != (x0.shape[0],):
@@ -176,14 +265,22 @@ def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tens
     config = _reverse_config("counterfactual", settings, model.diffusion.num_timesteps, t_start)
     start = config.timesteps(model.diffusion.num_timesteps)[-1]
     views = _head_views(generator, settings, augment, x0.device)
-    out = []
-    for i in range(0, x0.shape[0], settings.batch_size):
-        xb, yb = x0[i:i + settings.batch_size], targets[i:i + settings.batch_size].to(x0.device)
+
+    def draw(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         t = torch.full((xb.shape[0],), start, dtype=torch.long, device=x0.device)
         noise = torch.randn(xb.shape, generator=generator, device=x0.device)
         x_t = model.diffusion.q_sample(xb, t, noise)
-        out.append(reverse_process(_eps_fn(model, "counterfactual", yb, settings, config, views),
-                                   model.diffusion, x_t, config, generator=generator))
+        with _autocast(settings, x0.device):
+            x = reverse_process(_eps_fn(model, "counterfactual", yb, settings, config, views),
+                                model.diffusion, x_t, config, generator=generator)
+        return x.float()
+
+    out, redrawn, below = [], 0, 0
+    for i in range(0, x0.shape[0], settings.batch_size):
+        xb, yb = x0[i:i + settings.batch_size], targets[i:i + settings.batch_size].to(x0.device)
+        x, n, left = _redraw_unsure(model, draw(xb, yb), yb, views, settings, lambda idx: draw(xb[idx], yb[idx]))
+        out.append(x)
+        redrawn, below = redrawn + n, below + left
     cf = torch.cat(out)
     return Counterfactuals(x0, cf, targets.to(x0.device), head_probabilities(model, x0), head_probabilities(model, cf),
-                           float(t_start), settings.alpha)
+                           float(t_start), settings.alpha, redrawn, below)

@@ -46,6 +46,14 @@ def choose_precision(amp: bool, device: torch.device) -> Precision:
     return Precision(None, False, f"fp32: no AMP support chosen for device {device.type}")
 
 
+def amp_dtype(amp: bool, device: torch.device) -> tuple[str | None, str]:
+    """What ``--amp`` of the sample/evaluate CLIs means on ``device``: the autocast dtype name
+    (``SampleSettings.amp``: None = fp32, "bf16", "fp16") that :func:`choose_precision` picks, and why.
+    Sampling has no GradScaler (no weights are updated) and no speed probe."""
+    precision = choose_precision(amp, device)
+    return (None if precision.dtype is None else precision.name), precision.reason
+
+
 def autocast(device: torch.device, precision: Precision):
     """An autocast context for the precision, or a no-op context for fp32."""
     if precision.dtype is None:
