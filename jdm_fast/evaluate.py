@@ -21,7 +21,8 @@ Reports (printed table + JSON, default ``<checkpoint folder>/eval.json``):
 generating; its labels >= 0 are the targets for class consistency. A counterfactual file
 (``--mode counterfactual``) is judged per ``t_start``/``alpha`` setting, each with the fraction
 the model's own head reads as the target (``head_reads_target``) next to the judges'.
-Generated conditional samples take the sampler's ``--purify``, ``--retries``/``--accept`` and ``--amp``.
+Generated conditional samples take the sampler's ``--purify``, ``--retries``/``--recheck``/``--accept``
+and ``--amp``.
 
 A model trained with ``--objective diffusion`` (no head) gets no test accuracy and no conditional
 samples; one trained with ``--objective classifier`` (no decoder) gets test accuracy only
@@ -78,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cond samples: re-noise to this fraction of T and denoise unsteered (see python -m jdm_fast.sample -h)")
     p.add_argument("--retries", type=int, default=SampleSettings().retries,
                    help="cond samples: redraw rounds for samples the head is unsure of (see python -m jdm_fast.sample -h)")
+    p.add_argument("--recheck", type=int, default=SampleSettings().recheck,
+                   help="cond samples: re-purified copies the redraw decision also reads (see python -m jdm_fast.sample -h)")
     p.add_argument("--accept", type=float, default=SampleSettings().accept,
                    help="cond samples: head confidence that needs no redraw (with --retries)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -139,6 +142,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"--purify must lie in [0, 1) (a fraction of T), got {args.purify}")
     if args.retries < 0:
         raise ValueError(f"--retries must be >= 0, got {args.retries}")
+    if args.recheck < 0 or (args.recheck and not args.purify):
+        raise ValueError(f"--recheck must be >= 0 and needs --purify > 0, got --recheck {args.recheck} "
+                         f"--purify {args.purify}")
     if not 0.0 <= args.accept <= 1.0:
         raise ValueError(f"--accept must lie in [0, 1] (a probability), got {args.accept}")
     ckpt = Path(args.checkpoint)
@@ -215,7 +221,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         amp, why = amp_dtype(args.amp, device)
         log(f"generating in {amp or 'fp32'}: {why}")
         settings = SampleSettings(steps=args.steps, alpha=args.alpha, retries=args.retries, accept=args.accept,
-                                  amp=amp, purify=args.purify)
+                                  amp=amp, purify=args.purify, recheck=args.recheck)
         results["precision"] = amp or "fp32"
         modes = [m for m in args.modes if m == "uncond" or lm.model.config.classifies]
         if len(modes) < len(args.modes):

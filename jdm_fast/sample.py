@@ -104,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
                         "its target with probability < --accept (mean over the head views), keeping the more "
                         f"confident copy (default {DEFAULTS.retries}, 0 with --authors-variant or --head-input xt; "
                         "0 = no redraws)")
+    p.add_argument("--recheck", type=int,
+                   help="cond/guided with --purify: the confidence --accept reads is also the lowest over this many "
+                        f"copies purified once more (a class the purification does not keep is redrawn; default "
+                        f"{DEFAULTS.recheck}, 0 without --purify)")
     p.add_argument("--accept", type=float, default=DEFAULTS.accept,
                    help=f"head confidence a sample needs not to be redrawn (with --retries; default {DEFAULTS.accept:g})")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -175,6 +179,13 @@ def validate(args: argparse.Namespace) -> None:
                              "guided, counterfactual), not uncond")
     if args.retries is None:
         args.retries = 0 if args.mode == "uncond" or literal else DEFAULTS.retries
+    if args.recheck is not None:
+        if args.recheck < 0:
+            raise ValueError(f"--recheck must be >= 0, got {args.recheck}")
+        if args.recheck and not args.purify:
+            raise ValueError("--recheck re-purifies the samples: it needs --purify > 0 (--mode cond or guided)")
+    if args.recheck is None:
+        args.recheck = DEFAULTS.recheck if args.purify else 0
     if not 0.0 <= args.accept <= 1.0:
         raise ValueError(f"--accept must lie in [0, 1] (a probability), got {args.accept}")
     if args.inner_steps < 1:
@@ -222,7 +233,7 @@ def _settings(args: argparse.Namespace, steps: int | None, sampler: str, alpha: 
                           authors=args.authors_variant, head_input=args.head_input, normalize=not args.raw_step,
                           inner_steps=args.inner_steps, t_min=args.steer_until, head_views=args.head_views,
                           batch_size=args.batch_size, retries=args.retries, accept=args.accept, amp=amp,
-                          purify=args.purify)
+                          purify=args.purify, recheck=args.recheck)
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
@@ -263,8 +274,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         result = {"mode": args.mode, "num": args.num, "grid": str(grid)}
         if labels is not None and settings.retries:
             result.update(stats)
+            rechecked = f", lowest over the sample and {settings.recheck} re-purified copies" if settings.recheck else ""
             log(f"redrew {stats['redrawn']} samples in up to {settings.retries} rounds (head confidence < "
-                f"{settings.accept:g}); {stats['below_accept']} of {args.num} still below it")
+                f"{settings.accept:g}{rechecked}); {stats['below_accept']} of {args.num} still below it")
         if labels is not None:
             head = head_probabilities(model, x).argmax(dim=1).cpu()
             result["head_target_rate"] = float((head == labels).float().mean())
@@ -275,7 +287,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                   head_input=args.head_input, raw_step=args.raw_step, alpha=args.alpha,
                   guidance_scale=args.guidance_scale, steer_until=args.steer_until, inner_steps=args.inner_steps,
                   head_views=args.head_views if lm.augment is not None else 1, sampler=sampler, steps=args.steps,
-                  retries=args.retries, accept=args.accept, purify=args.purify, precision=amp or "fp32")
+                  retries=args.retries, accept=args.accept, purify=args.purify, recheck=args.recheck,
+                  precision=amp or "fp32")
     (out / "sample_summary.json").write_text(json.dumps(result, indent=2))
     log(f"wrote {out / 'samples.npz'} and {out}/*.png in {result['seconds']:.1f}s")
     return result

@@ -150,7 +150,7 @@ def test_retries_redraw_exactly_the_unsure_samples_and_never_lose_confidence(tra
     views = HeadViews()
     plain = generate(lm.model, "cond", N, y, SampleSettings(steps=10, retries=0), torch.Generator().manual_seed(0))
     stats: dict = {}
-    s = SampleSettings(steps=10, retries=2, accept=0.99)
+    s = SampleSettings(steps=10, retries=2, accept=0.99, recheck=0)  # the plain head confidence decides
     retried = generate(lm.model, "cond", N, y, s, torch.Generator().manual_seed(0), stats=stats)
     c0, c2 = target_confidence(lm.model, plain, y, views), target_confidence(lm.model, retried, y, views)
     # reference confidence: float64 softmax of the head's logits, unaugmented
@@ -203,6 +203,47 @@ def test_purify_renoises_the_steered_sample_and_keeps_its_class(trained_run, unc
     ref = reverse_process(lambda xx, t, tv: (lm.model.unet(xx, t), None), lm.model.diffusion, x_t, config, generator=g)
     assert torch.allclose(pure, ref, atol=1e-5)
     assert _target_rate(trained_run, "cond", purify=0.3) >= uncond_rate + 0.5
+
+
+def test_recheck_reads_the_lowest_confidence_over_repurified_copies(trained_run):
+    from jdm_fast.generation.samplers import _acceptance
+
+    ckpt, _ = trained_run
+    lm = load_joint_model(ckpt)
+    y = balanced_labels(N, 10)
+    base = dict(steps=10, purify=0.3, accept=0.9)
+    x = generate(lm.model, "cond", N, y, SampleSettings(retries=0, **base), torch.Generator().manual_seed(0))
+    views = HeadViews()
+    plain = target_confidence(lm.model, x, y, views)
+    assert torch.equal(_acceptance(lm.model, "cond", x, y, views, SampleSettings(recheck=0, **base), torch.Generator()), plain)
+    s = SampleSettings(recheck=2, **base)
+    both = _acceptance(lm.model, "cond", x, y, views, s, torch.Generator().manual_seed(3))
+    # reference: the two re-purified copies, drawn from the same generator stream, read by the head
+    g = torch.Generator().manual_seed(3)
+    copies = [target_confidence(lm.model, generate_purified(lm.model, x, s, g), y, views) for _ in range(2)]
+    assert torch.allclose(both, torch.minimum(plain, torch.minimum(*copies)), atol=1e-5)
+    assert bool((both <= plain).all()) and bool((both < plain - 0.01).any())  # the recheck is stricter
+    counts = {}
+    for recheck in (0, 2):
+        stats: dict = {}
+        generate(lm.model, "cond", N, y, SampleSettings(retries=1, recheck=recheck, **base),
+                 torch.Generator().manual_seed(0), stats=stats)
+        counts[recheck] = stats["redrawn"]
+    assert counts[2] > counts[0]  # it redraws the samples whose class the purification does not keep
+    with pytest.raises(ValueError, match="recheck must be an int >= 0"):
+        SampleSettings(recheck=-1)
+    # without purification there is nothing to recheck: the plain confidence
+    no_purify = SampleSettings(recheck=2, purify=0.0, steps=10)
+    assert torch.equal(_acceptance(lm.model, "cond", x, y, views, no_purify, torch.Generator()), plain)
+
+
+def generate_purified(model, x, s, g):
+    """x noised to s.purify * T (closed form q(x_t | x_0)) and denoised by unsteered ancestral steps."""
+    T = model.diffusion.num_timesteps
+    config = ReverseConfig("ancestral", steps=s.steps, t_start=s.purify)
+    abar = torch.tensor(float(model.diffusion.alphas_cumprod[config.timesteps(T)[-1]]))
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * torch.randn(x.shape, generator=g)
+    return reverse_process(lambda xx, t, tv: (model.unet(xx, t), None), model.diffusion, x_t, config, generator=g)
 
 
 def test_amp_sampling_runs_in_bf16_and_still_steers(trained_run, uncond_rate):
@@ -291,6 +332,8 @@ def test_sample_cli_amp_and_retries(trained_run, tmp_path, capsys, monkeypatch):
     (["--mode", "uncond", "--retries", "2"], "it is for the steered modes"),
     (["--mode", "cond", "--purify", "1"], r"--purify must lie in \[0, 1\)"),
     (["--mode", "counterfactual", "--purify", "0.2"], "--purify is for --mode cond and guided"),
+    (["--mode", "cond", "--recheck", "-1"], "--recheck must be >= 0"),
+    (["--mode", "cond", "--purify", "0", "--recheck", "1"], "--recheck re-purifies the samples: it needs --purify"),
     (["--mode", "cond", "--accept", "1.5"], r"--accept must lie in \[0, 1\]"),
     (["--steps", "100000"], "--steps 100000 exceeds the model's 100 diffusion steps"),
     (["--device", "tpu9"], "--device must be auto, cpu, cuda or cuda:N"),

@@ -48,6 +48,10 @@ class SampleSettings:
     # cond/guided: after the steered chain, noise the sample again to ``purify`` * T and denoise it
     # without steering (the mode's sampler, round(steps * purify) steps); 0 = off
     purify: float = 0.3
+    # cond/guided with purify > 0 (ignored without): the confidence ``accept`` reads is the lowest of the
+    # sample's and of ``recheck`` copies purified once more (fresh noise): a class that does not
+    # survive the purification is redrawn
+    recheck: int = 0
 
     def __post_init__(self) -> None:
         if self.sampler is not None and self.sampler not in SAMPLERS:
@@ -72,6 +76,8 @@ class SampleSettings:
             raise ValueError(f"accept must lie in [0, 1] (a probability), got {self.accept}")
         if not 0.0 <= self.purify < 1.0:
             raise ValueError(f"purify must lie in [0, 1) (a fraction of T), got {self.purify}")
+        if not isinstance(self.recheck, int) or self.recheck < 0:
+            raise ValueError(f"recheck must be an int >= 0, got {self.recheck!r}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
 
@@ -178,7 +184,8 @@ def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | 
         y = None if labels is None else labels[i:i + b].to(device)
         x = draw(y, b)
         if mode != "uncond":
-            x, n, left = _redraw_unsure(model, x, y, views, settings, lambda idx: draw(y[idx], idx.numel()))
+            x, n, left = _redraw_unsure(model, x, y, views, settings, lambda idx: draw(y[idx], idx.numel()),
+                                        lambda xx, yy: _acceptance(model, mode, xx, yy, views, settings, generator))
             redrawn, below = redrawn + n, below + left
         out.append(x)
     if stats is not None:
@@ -198,21 +205,36 @@ def _purify(model: JointDiffusion, mode: str, x: torch.Tensor, settings: SampleS
     return reverse_process(unconditional_eps(model), model.diffusion, x_t, config, generator=generator)
 
 
+@torch.no_grad()
+def _acceptance(model: JointDiffusion, mode: str, x: torch.Tensor, y: torch.Tensor, views: HeadViews,
+                settings: SampleSettings, generator: torch.Generator) -> torch.Tensor:
+    """The confidence a redraw decision reads: :func:`target_confidence` of ``x``, and with
+    ``settings.recheck`` the lowest of it and of that many copies purified once more."""
+    conf = target_confidence(model, x, y, views)
+    for _ in range(settings.recheck if settings.purify > 0 else 0):
+        with _autocast(settings, x.device):
+            again = _purify(model, mode, x, settings, generator).float()
+        conf = torch.minimum(conf, target_confidence(model, again, y, views))
+    return conf
+
+
 def _redraw_unsure(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, views: HeadViews,
-                   settings: SampleSettings, draw) -> tuple[torch.Tensor, int, int]:
+                   settings: SampleSettings, draw, confidence=None) -> tuple[torch.Tensor, int, int]:
     """Up to ``settings.retries`` rounds: the samples of ``x`` whose head confidence in ``y`` is below
     ``settings.accept`` are drawn again (``draw(indices)``: new samples for those rows), each keeping
     the more confident copy. Returns the samples, how many were redrawn, how many stay below."""
     if settings.retries == 0:
         return x, 0, 0
-    conf, redrawn = target_confidence(model, x, y, views), 0
+    if confidence is None:
+        confidence = lambda xx, yy: target_confidence(model, xx, yy, views)  # noqa: E731
+    conf, redrawn = confidence(x, y), 0
     for _ in range(settings.retries):
         redo = (conf < settings.accept).nonzero()[:, 0]
         if redo.numel() == 0:
             break
         redrawn += redo.numel()
         xn = draw(redo)
-        cn = target_confidence(model, xn, y[redo], views)
+        cn = confidence(xn, y[redo])
         better = cn > conf[redo]
         x[redo[better]], conf[redo[better]] = xn[better], cn[better]
     return x, redrawn, int((conf < settings.accept).sum())
