@@ -130,10 +130,14 @@ def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleS
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _autocast(settings: SampleSettings, device):
-    if settings.amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[settings.amp])
+def _reverse(eps_fn, model: JointDiffusion, x: torch.Tensor, config: ReverseConfig, settings: SampleSettings,
+             generator: torch.Generator) -> torch.Tensor:
+    """:func:`reverse_process` under ``settings.amp``'s autocast (none for fp32); float32 out."""
+    amp = contextlib.nullcontext() if settings.amp is None else torch.autocast(x.device.type,
+                                                                              dtype=AMP_DTYPES[settings.amp])
+    with amp:
+        x = reverse_process(eps_fn, model.diffusion, x, config, generator=generator)
+    return x.float()
 
 
 @torch.no_grad()
@@ -171,12 +175,8 @@ def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | 
 
     def draw(y: torch.Tensor | None, b: int) -> torch.Tensor:
         x = torch.randn((b, u.in_channels, u.image_size, u.image_size), generator=generator, device=device)
-        with _autocast(settings, device):
-            x = reverse_process(_eps_fn(model, mode, y, settings, config, views), model.diffusion, x, config,
-                                generator=generator)
-            if mode != "uncond" and settings.purify > 0:
-                x = _purify(model, mode, x, settings, generator)
-        return x.float()
+        x = _reverse(_eps_fn(model, mode, y, settings, config, views), model, x, config, settings, generator)
+        return _purify(model, mode, x, settings, generator) if mode != "uncond" and settings.purify > 0 else x
 
     out, redrawn, below = [], 0, 0
     for i in range(0, num, settings.batch_size):
@@ -184,7 +184,7 @@ def generate(model: JointDiffusion, mode: str, num: int, labels: torch.Tensor | 
         y = None if labels is None else labels[i:i + b].to(device)
         x = draw(y, b)
         if mode != "uncond":
-            x, n, left = _redraw_unsure(model, x, y, views, settings, lambda idx: draw(y[idx], idx.numel()),
+            x, n, left = _redraw_unsure(x, y, settings, lambda idx: draw(y[idx], idx.numel()),
                                         lambda xx, yy: _acceptance(model, mode, xx, yy, views, settings, generator))
             redrawn, below = redrawn + n, below + left
         out.append(x)
@@ -201,8 +201,8 @@ def _purify(model: JointDiffusion, mode: str, x: torch.Tensor, settings: SampleS
     config = _reverse_config(mode, settings, model.diffusion.num_timesteps, settings.purify)
     start = config.timesteps(model.diffusion.num_timesteps)[-1]
     t = torch.full((x.shape[0],), start, dtype=torch.long, device=x.device)
-    x_t = model.diffusion.q_sample(x.float(), t, torch.randn(x.shape, generator=generator, device=x.device))
-    return reverse_process(unconditional_eps(model), model.diffusion, x_t, config, generator=generator)
+    x_t = model.diffusion.q_sample(x, t, torch.randn(x.shape, generator=generator, device=x.device))
+    return _reverse(unconditional_eps(model), model, x_t, config, settings, generator)
 
 
 @torch.no_grad()
@@ -212,21 +212,18 @@ def _acceptance(model: JointDiffusion, mode: str, x: torch.Tensor, y: torch.Tens
     ``settings.recheck`` the lowest of it and of that many copies purified once more."""
     conf = target_confidence(model, x, y, views)
     for _ in range(settings.recheck if settings.purify > 0 else 0):
-        with _autocast(settings, x.device):
-            again = _purify(model, mode, x, settings, generator).float()
+        again = _purify(model, mode, x, settings, generator)
         conf = torch.minimum(conf, target_confidence(model, again, y, views))
     return conf
 
 
-def _redraw_unsure(model: JointDiffusion, x: torch.Tensor, y: torch.Tensor, views: HeadViews,
-                   settings: SampleSettings, draw, confidence=None) -> tuple[torch.Tensor, int, int]:
-    """Up to ``settings.retries`` rounds: the samples of ``x`` whose head confidence in ``y`` is below
+def _redraw_unsure(x: torch.Tensor, y: torch.Tensor, settings: SampleSettings, draw,
+                   confidence) -> tuple[torch.Tensor, int, int]:
+    """Up to ``settings.retries`` rounds: the samples of ``x`` whose ``confidence(x, y)`` is below
     ``settings.accept`` are drawn again (``draw(indices)``: new samples for those rows), each keeping
     the more confident copy. Returns the samples, how many were redrawn, how many stay below."""
     if settings.retries == 0:
         return x, 0, 0
-    if confidence is None:
-        confidence = lambda xx, yy: target_confidence(model, xx, yy, views)  # noqa: E731
     conf, redrawn = confidence(x, y), 0
     for _ in range(settings.retries):
         redo = (conf < settings.accept).nonzero()[:, 0]
@@ -292,15 +289,14 @@ def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tens
         t = torch.full((xb.shape[0],), start, dtype=torch.long, device=x0.device)
         noise = torch.randn(xb.shape, generator=generator, device=x0.device)
         x_t = model.diffusion.q_sample(xb, t, noise)
-        with _autocast(settings, x0.device):
-            x = reverse_process(_eps_fn(model, "counterfactual", yb, settings, config, views),
-                                model.diffusion, x_t, config, generator=generator)
-        return x.float()
+        return _reverse(_eps_fn(model, "counterfactual", yb, settings, config, views), model, x_t, config, settings,
+                        generator)
 
     out, redrawn, below = [], 0, 0
     for i in range(0, x0.shape[0], settings.batch_size):
         xb, yb = x0[i:i + settings.batch_size], targets[i:i + settings.batch_size].to(x0.device)
-        x, n, left = _redraw_unsure(model, draw(xb, yb), yb, views, settings, lambda idx: draw(xb[idx], yb[idx]))
+        x, n, left = _redraw_unsure(draw(xb, yb), yb, settings, lambda idx: draw(xb[idx], yb[idx]),
+                                    lambda xx, yy: target_confidence(model, xx, yy, views))
         out.append(x)
         redrawn, below = redrawn + n, below + left
     cf = torch.cat(out)
