@@ -124,9 +124,9 @@ def test_sync_batchnorm_is_batchnorm_outside_a_process_group():
 @pytest.fixture(scope="module", params=["--no-augment", "--augment"])
 def one_and_two_process_runs(request, tmp_path_factory):
     """The same 6 steps run by 1 process (batch 16) and by torchrun with 2 gloo processes (2 x 8),
-    UNet dropout off, augmentation off or on, checkpoints at steps 3 and 6."""
+    UNet dropout 0.3 (keyed masks), augmentation off or on, checkpoints at steps 3 and 6."""
     tmp = tmp_path_factory.mktemp(request.param.lstrip("-"))
-    args = [request.param, "--dropout", "0", "--steps", "6", "--save-every", "3", "--labelled-fraction", "0.3"]
+    args = [request.param, "--dropout", "0.3", "--steps", "6", "--save-every", "3", "--labelled-fraction", "0.3"]
     one = run(train_cmd(*args, "--out", str(tmp / "one")))
     two = run(train_cmd(*args, "--out", str(tmp / "two"), nproc=2))
     return request.param, args, tmp, one, two
@@ -141,7 +141,8 @@ def _assert_same_weights(a: dict, b: dict, what: str) -> None:
 
 def test_two_process_run_matches_one_process_run(one_and_two_process_runs):
     """torchrun with 2 gloo processes (global batch 16 = 2 x 8) against 1 process (batch 16), with
-    UNet dropout off (head dropout stays on: its masks are counter-based), augmentation off and on
+    UNet and head dropout on (their masks are counter-based: the same for an example whichever
+    process holds it), augmentation off and on
     (on: the loader's per-example keyed draws, the same whichever process holds an example), and
     30% of the labels, so the processes hold different numbers of labelled examples.
 

@@ -124,9 +124,10 @@ def test_joint_loss_terms_against_independent_computation():
 def test_one_encoder_call_equals_two(preset):
     """The default joint loss encodes [x_t ; x0] at [t ; 0] in one call: loss terms and every
     gradient equal the two-call path's (fp32, relative 1e-5), in training mode with the head's
-    BatchNorm on batch statistics (UNet dropout off: it draws from the global RNG per call)."""
+    BatchNorm on batch statistics and keyed UNet dropout (p = 0.3: each pass draws its own masks,
+    the same in one call or two)."""
     cfg = PRESETS[preset].model
-    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, dropout=0.0))
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, dropout=0.3))
     diffusion = GaussianDiffusion(make_betas("jdm_linear", 100))
     torch.manual_seed(0)
     one = JointDiffusion(cfg, diffusion).train()
@@ -139,6 +140,40 @@ def test_one_encoder_call_equals_two(preset):
     key = BatchKey(3, 5, 0, 6, 5)
     with one_thread():
         assert_same_losses_and_grads(one, one(x0, y, key=key), two, two(x0, y, key=key))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_keyed_unet_dropout_masks_follow_the_philox_reference(channels_last):
+    """With a DropoutKey a ResBlock keeps element (c, y, x) of row r of stream s exactly when the NumPy
+    Philox reference's uniform (row first + r, tag UNET + 2 k + s, column (y W + x) C + c) is >= p, and
+    scales kept elements by 1 / (1 - p); the same in either memory layout; no global RNG is read.
+    Without a key (or in eval mode) it is torch's Dropout."""
+    from jdm_fast.models.unet import _DROPOUT_TAG, DropoutKey, ResBlock
+    from jdm_fast.ops.philox import counter_uniform as reference_uniform
+    p, rows, c, hw = 0.3, 3, 4, 5
+    block = ResBlock(c, c, 8, p, False, 2).train()
+    block.dropout_index = 7
+    h = torch.rand(2 * rows, c, hw, hw) + 0.5  # no zeros: a zero in the output is a dropped element
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    first = torch.tensor(11)
+    state = torch.get_rng_state()
+    out = block._dropout(h, DropoutKey(first, 42, rows, (0, 1)))
+    assert torch.equal(torch.get_rng_state(), state)
+    for s in (0, 1):
+        u = reference_uniform(42, _DROPOUT_TAG + 2 * 7 + s, 11, rows, hw * hw * c)  # (rows, H*W*C)
+        keep = torch.from_numpy(u.reshape(rows, hw, hw, c) >= p).permute(0, 3, 1, 2)
+        part, x = out[s * rows:(s + 1) * rows], h[s * rows:(s + 1) * rows]
+        assert torch.equal(part != 0, keep)
+        torch.testing.assert_close(part[keep], x[keep] / (1 - p), rtol=1e-6, atol=0)
+    assert 0.1 < (out == 0).float().mean().item() < 0.5  # 120 draws at p = 0.3
+    with pytest.raises(ValueError, match="dropout key covers 2 x 3 rows, the batch has 4"):
+        block._dropout(h[:4], DropoutKey(first, 42, rows, (0, 1)))
+    torch.manual_seed(0)
+    unkeyed = block._dropout(h, None)
+    torch.manual_seed(0)
+    assert torch.equal(unkeyed, torch.nn.functional.dropout(h, p, training=True))
+    assert torch.equal(block.eval()._dropout(h, DropoutKey(first, 42, rows, (0, 1))), h)
 
 
 @pytest.mark.parametrize("fuse", [True, False])

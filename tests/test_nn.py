@@ -128,3 +128,37 @@ def test_self_attention_block_matches_float64():
         SelfAttention2d(32)
     with pytest.raises(ValueError, match="divisible"):
         SelfAttention2d(32, num_heads=5)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layout_keeping_split_cat_and_mean_compute_what_torch_computes(layout, dtype):
+    """split_batch / cat_channels / spatial_mean: the values and gradients of x[:b], x[b:],
+    torch.cat(dim=1) and x.float().mean((2, 3)) (float64 reference of the same inputs), each input's
+    gradient dense in the input's layout and dtype (an unused half's gradient is zeros)."""
+    from jdm_fast.nn.layout import cat_channels, spatial_mean, split_batch
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(5, c, 4, 3, generator=g) for c in (6, 2)]
+    w_cat, w_mean = torch.randn(3, 8, 4, 3, generator=g), torch.randn(2, 6, generator=g)
+
+    def run(dt, ours):
+        a, b = (t.to(dt, copy=True).contiguous(memory_format=layout).requires_grad_() for t in base)
+        top, rest = split_batch(a, 3) if ours else (a[:3], a[3:])
+        cat = cat_channels(top, b[:3]) if ours else torch.cat([top, b[:3]], dim=1)
+        mean = spatial_mean(rest) if ours else rest.double().mean(dim=(2, 3))
+        loss = (cat.double() * w_cat).sum() + (mean.double() * w_mean).sum()
+        loss.backward()
+        return cat, mean, a.grad, b.grad
+
+    ours, ref = run(dtype, True), run(torch.float64, False)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.double(), r.double(), rtol=tol, atol=tol)
+    assert ours[1].dtype == torch.float32
+    for grad in ours[2:]:
+        assert grad.dtype == dtype and grad.is_contiguous(memory_format=layout)
+    assert torch.equal(ours[3][3:], torch.zeros_like(ours[3][3:]))
+    with pytest.raises(ValueError, match="b=6 outside 0..5"):
+        split_batch(base[0], 6)
+    with pytest.raises(ValueError, match=r"spatial_mean: x must be \(N, C, H, W\)"):
+        spatial_mean(base[0][0])

@@ -25,10 +25,10 @@ from jdm_fast.training.step import TrainStep
 FP32 = Precision(None, False, "fp32")
 
 
-def _setup(preset="tiny", **changes):
+def _setup(preset="tiny", dropout=0.0, **changes):
     cfg = dataclasses.replace(get_preset(preset), augment=False, **changes)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, unet=dataclasses.replace(cfg.model.unet,
-                                                                                                 dropout=0.0)))
+                                                                                                 dropout=dropout)))
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu"))
     perturb_zero_params(model)
@@ -73,28 +73,27 @@ def test_train_step_is_the_optimisation_step_written_out():
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.lr * 3 / 4)
 
 
-def test_step_feeds_x_cls_to_the_classifier_and_unet_dropout_is_the_only_global_rng_draw():
+def test_step_feeds_x_cls_to_the_classifier_and_draws_nothing_from_the_global_rng():
     """``trainer(x, y, step, x_cls=x_aug)`` is the keyed loss with the loader's augmented copy as the
-    classifier input; with UNet dropout off the step draws nothing from the global RNG (augmentation
-    is the loader's keyed draws, timesteps/noise/head dropout are keyed), with it on it does: UNet
-    dropout is the one draw left on the per-process RNG (training/loop.py's determinism contract)."""
-    cfg, model, x, y = _setup("tiny")  # UNet dropout 0, head dropout 0.3 (keyed masks)
-    x_aug = x.flip(-1).roll(2, dims=-2)
-    ref = copy.deepcopy(model)
-    key = BatchKey(cfg.seed, 0, 0, cfg.batch_size, int((y >= 0).sum()))
-    with torch.no_grad():
-        want, plain = ref(x, y, key=key, x_cls=x_aug).total, ref(x, y, key=key).total
-    trainer = TrainStep.from_config(cfg, model, FP32, compile=False)
-    state = torch.get_rng_state()
-    out = trainer(x, y, 0, x_cls=x_aug)
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.testing.assert_close(out.losses.total, want, rtol=1e-6, atol=0)
-    assert not torch.allclose(want, plain)
-    for m in ref.unet.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.1
-    TrainStep.from_config(cfg, ref, FP32, compile=False)(x, y, 0, x_cls=x_aug)
-    assert not torch.equal(torch.get_rng_state(), state)
+    classifier input, and the step draws nothing from the global RNG, UNet dropout on or off
+    (augmentation is the loader's keyed draws; timesteps, noise, head and UNet dropout are keyed:
+    training/loop.py's determinism contract)."""
+    for dropout in (0.0, 0.3):
+        cfg, model, x, y = _setup("tiny", dropout=dropout)  # head dropout 0.3 (keyed masks)
+        x_aug = x.flip(-1).roll(2, dims=-2)
+        ref = copy.deepcopy(model)
+        key = BatchKey(cfg.seed, 0, 0, cfg.batch_size, int((y >= 0).sum()))
+        with torch.no_grad():
+            want, plain = ref(x, y, key=key, x_cls=x_aug).total, ref(x, y, key=key).total
+        trainer = TrainStep.from_config(cfg, model, FP32, compile=False)
+        state = torch.get_rng_state()
+        out = trainer(x, y, 0, x_cls=x_aug)
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.testing.assert_close(out.losses.total, want, rtol=1e-6, atol=0)
+        assert not torch.allclose(want, plain)
+        if dropout:  # the masks are live: the same step without them computes another loss
+            with torch.no_grad():
+                assert not torch.allclose(ref.eval()(x, y, key=key, x_cls=x_aug).total, want)
 
 
 def test_a_non_finite_step_is_flagged_and_skipped():
@@ -109,9 +108,11 @@ def test_a_non_finite_step_is_flagged_and_skipped():
 
 @pytest.mark.parametrize("preset", ["tiny", "digits"])
 def test_channels_last_computes_what_nchw_computes(preset):
-    """The same step in channels-last and NCHW: equal loss terms and gradients (fp32, 1e-5), and
-    the channels-last model keeps its feature maps channels-last."""
-    cfg, model, x, y = _setup(preset)
+    """The same step in channels-last and NCHW: equal loss terms and gradients (fp32, 1e-5; keyed
+    UNet dropout on, its masks independent of the layout), the channels-last model keeps its feature
+    maps channels-last, and every gradient reaching them is dense channels-last (jdm_fast.nn.layout:
+    no mixed-layout accumulation)."""
+    cfg, model, x, y = _setup(preset, dropout=0.3)
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     assert cl.unet.channels_last and not model.unet.channels_last
     key = BatchKey(cfg.seed, 3, 0, cfg.batch_size, int((y >= 0).sum()))
@@ -119,6 +120,13 @@ def test_channels_last_computes_what_nchw_computes(preset):
         assert_same_losses_and_grads(cl, cl(x, y, key=key), model, model(x, y, key=key))
     enc = cl.unet.encode(x, torch.zeros(x.shape[0], dtype=torch.long))
     assert all(s.is_contiguous(memory_format=torch.channels_last) for s in enc.skips[1:])
+    grads = []
+    for m in cl.unet.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.out_channels > 1:
+            m.register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0]))
+    cl(x, y, key=key).total.backward()
+    assert len(grads) > 10
+    assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads)
 
 
 class _Copies(TorchDispatchMode):

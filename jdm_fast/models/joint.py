@@ -14,10 +14,10 @@ model draws no augmentation itself. Or it sees the noisy x_t of the diffusion pa
 extra pass, no augmentation). Examples whose label is -1 (semi-supervised) add only the diffusion
 term. Multi-label data uses BCE-with-logits; rows with any negative entry are unlabelled.
 
-Given a :class:`BatchKey` (what the trainer passes), every random draw of the loss except UNet
-dropout is a pure function of ``(seed, step, global example index)``: timesteps and noise come
-from counter-based Philox streams, head-dropout masks are drawn for the whole global batch and
-sliced, and the loss terms are scaled so that data-parallel gradient averaging reproduces the
+Given a :class:`BatchKey` (what the trainer passes), every random draw of the loss is a pure
+function of ``(seed, step, global example index)``: timesteps, noise and the UNet's dropout masks
+(``unet.DropoutKey``) come from counter-based Philox streams, head-dropout masks are drawn for the
+whole global batch and sliced, and the loss terms are scaled so that data-parallel gradient averaging reproduces the
 single-process gradient. A run then does not depend on how many processes ran it.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 
 from jdm_fast.models.config import HeadConfig, UNetConfig
 from jdm_fast.models.head import ClassifierHead
-from jdm_fast.models.unet import UNet
+from jdm_fast.models.unet import DropoutKey, UNet
 from jdm_fast.ops import noise as noise_ops
 from jdm_fast.ops.philox import counter_timesteps  # noqa: F401 - the NumPy reference of the keyed timesteps
 
@@ -114,6 +114,12 @@ class JointLoss(NamedTuple):
     correct: torch.Tensor  # number of labelled examples classified right (no host sync)
     labelled: torch.Tensor  # number of labelled examples
     # objective "diffusion": classifier, correct and labelled are 0; "classifier": diffusion is 0
+
+
+def _keys(dkey: tuple | None, *streams: int) -> DropoutKey | None:
+    """The UNet's dropout key for passes ``streams`` (0: diffusion on x_t, 1: classifier on x0) of a
+    keyed batch ``dkey`` = (first example tensor, seed, local batch), or None (unkeyed: torch's RNG)."""
+    return None if dkey is None else DropoutKey(dkey[0], dkey[1], dkey[2], streams)
 
 
 class JointDiffusion(nn.Module):
@@ -236,22 +242,24 @@ class JointDiffusion(nn.Module):
                 noise = torch.randn_like(x0)
             x_t = self.diffusion.q_sample(x0, t, noise)
         zeros = torch.zeros(b, dtype=torch.long, device=x0.device)
+        dkey = None if key is None else (first, key.seed, b)  # keyed UNet dropout (see unet.DropoutKey)
         if objective == "diffusion":
-            enc = self.unet.encode(x_t, t)
+            enc = self.unet.encode(x_t, t, _keys(dkey, 0))
         elif self.config.classifier_input == "xt":
-            enc = cls_enc = self.unet.encode(x_t, t)
+            enc = cls_enc = self.unet.encode(x_t, t, _keys(dkey, 0))
         else:
             x_cls = x0 if x_cls is None else x_cls
             if self.config.fuse_encoder_passes:
                 # One encoder call on [x_t ; x_cls] at [t ; 0]: every layer is per-example (GroupNorm,
-                # attention, timestep FiLM), so the halves are the two passes' results, computed with
-                # twice the batch per kernel and one graph instead of two under torch.compile.
-                both = self.unet.encode(torch.cat([x_t, x_cls.to(x_t.dtype)]), torch.cat([t, zeros]))
+                # attention, timestep FiLM, keyed dropout), so the halves are the two passes' results,
+                # computed with twice the batch per kernel and one graph instead of two under torch.compile.
+                both = self.unet.encode(torch.cat([x_t, x_cls.to(x_t.dtype)]), torch.cat([t, zeros]),
+                                        _keys(dkey, 0, 1))
                 enc, cls_enc = both.split(b)
             else:
-                enc = self.unet.encode(x_t, t)
-                cls_enc = self.unet.encode(x_cls, zeros)
-        eps_hat = self.unet.decode(*enc)
+                enc = self.unet.encode(x_t, t, _keys(dkey, 0))
+                cls_enc = self.unet.encode(x_cls, zeros, _keys(dkey, 1))
+        eps_hat = self.unet.decode(*enc, _keys(dkey, 0))
         eps_hat = eps_hat.contiguous()  # a channels-last model's output: the noise is NCHW (a few channels)
         if noise_ops.fusable(eps_hat) and noise.dtype in (eps_hat.dtype, torch.float32):
             diffusion_loss = noise_ops.eps_mse(eps_hat, noise)  # fused, float32 accumulation
@@ -282,10 +290,11 @@ class JointDiffusion(nn.Module):
         if t is not None or noise is not None:
             raise ValueError("objective 'classifier' noises nothing: do not pass t or noise")
         b = x_cls.shape[0]
-        labelled_total, scale, masks = None, 1.0, None
+        labelled_total, scale, masks, dkey = None, 1.0, None, None
         if key is not None:
-            _, masks, labelled_total, scale = self._keyed(key, b, x_cls.device)
+            first, masks, labelled_total, scale = self._keyed(key, b, x_cls.device)
+            dkey = (first, key.seed, b)
         zeros = torch.zeros(b, dtype=torch.long, device=x_cls.device)
-        logits = self.head(self.unet.features(self.unet.encode(x_cls, zeros)), masks)
+        logits = self.head(self.unet.features(self.unet.encode(x_cls, zeros, _keys(dkey, 1))), masks)
         cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
         return JointLoss(cls_loss, torch.zeros_like(cls_loss), cls_loss, correct, labelled)

@@ -8,14 +8,15 @@ shards, jdm_fast.data.loaders). What an example sees is drawn on the device from
 a process's RNG: the classifier input's augmentation of the example at position ``p`` of epoch
 ``e``'s order from ``(seed, e, p)`` (the loader's keyed draws, the same on every loader backend;
 the diffusion term trains on the clean batch), and its timestep, noise and head-dropout masks from
-``(seed, s, global example index)`` (``BatchKey``); the loss terms are global means. So with UNet
-dropout off a run ends with the same weights (to float rounding) whatever the number of processes,
-augmentation on or off. UNet dropout is the one draw left on each process's global RNG (seeded
-``seed + rank``; the UNet module is not keyed), whose state every checkpoint holds (one per
-process), so a resumed run repeats an uninterrupted one exactly, and a run resumed with another
-number of processes continues exactly except for fresh UNet dropout streams. (Until issue 17 the
-model augmented its classifier input itself from the global RNG: augmented runs depended on the
-number of processes, and the augmentation stream changed with issue 17.)
+``(seed, s, global example index)`` (``BatchKey``), and so are the UNet's dropout masks
+(``unet.DropoutKey``); the loss terms are global means. So a run ends with the same weights (to
+float rounding) whatever the number of processes, augmentation and dropout on or off. Nothing in
+a step reads the global RNG; its state is still saved per process in every checkpoint, so a
+resumed run repeats an uninterrupted one exactly. (Until the UNet's dropout was keyed, it drew
+from each process's global RNG, seeded ``seed + rank``: a run resumed with another number of
+processes drew fresh dropout streams. Until issue 17 the model augmented its classifier input
+itself from the global RNG: augmented runs depended on the number of processes, and the
+augmentation stream changed with issue 17.)
 
 Non-finite losses. Every step runs through a GradScaler: dynamic for fp16, a fixed scale of 1 for
 fp32/bf16 (exact: multiplying by 1), so a step whose gradients are non-finite is skipped instead of
@@ -353,8 +354,7 @@ def _restore(cfg: TrainConfig, trainer: TrainStep, *, out: Path, ctx: Dist, log)
         if ctx.rank:
             torch.manual_seed(cfg.seed + ctx.rank)
         log(f"note: {path} was written by {len(rngs)} process(es), this run has {ctx.world_size}: data, "
-            "augmentation, noise, timesteps and head dropout continue exactly, UNet dropout draws fresh random "
-            "streams")
+            "augmentation, noise, timesteps and dropout continue exactly (all keyed)")
     step = int(state["step"])
     log(f"resumed from {path} at step {step}")
     return step, Precision(*state["precision"])
@@ -433,7 +433,7 @@ def _train_locked(cfg: TrainConfig, ctx: Dist, device: torch.device, log, out: P
         start_step, precision = _restore(cfg, trainer, out=out, ctx=ctx, log=log)
         trainer.precision = precision  # the precision the run started with
     elif ctx.rank:
-        torch.manual_seed(cfg.seed + ctx.rank)  # per-process UNet dropout streams (CPU and CUDA)
+        torch.manual_seed(cfg.seed + ctx.rank)  # per-process global RNG streams (no step draws from them)
     if start_step >= cfg.steps:
         log(f"nothing to do: the run in {out} is at step {start_step} >= --steps {cfg.steps}; no file was "
             f"changed (pass --steps > {start_step} to continue it)")
