@@ -56,6 +56,29 @@ def test_triton_op_matches_reference(b, h, length, d, dtype, packed):
         assert _rel(a, r) <= 4 * tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_path_matches_float64(dtype, tol):
+    """The default CPU path (matmuls around a softmax in the input dtype) on the channels-last
+    block's token-major qkv views: output and gradients against float64 softmax(q k^T / sqrt(D)) v."""
+    b, h, length, d = 2, 3, 49, 32
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(b, length, 3, h, d, generator=g)
+    dy = torch.randn(b, h, length, d, generator=g)
+    outs, grads = {}, {}
+    for name, dt in (("ours", dtype), ("ref", torch.float64)):
+        qkv = base.to(dt, copy=True).requires_grad_()
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) strided views
+        if name == "ours":  # what attention() runs on CPU tensors without Triton
+            out = attention_mod._cpu_attention(q, k, v, d ** -0.5)
+        else:
+            out = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1) @ v
+        out.backward(dy.to(dt))
+        outs[name], grads[name] = out, qkv.grad
+    assert outs["ours"].dtype == dtype
+    assert _rel(outs["ours"], outs["ref"]) <= tol
+    assert _rel(grads["ours"], grads["ref"]) <= 2 * tol
+
+
 @needs_triton
 def test_opcheck_and_fullgraph_compile():
     from torch._dynamo.testing import CompileCounterWithBackend

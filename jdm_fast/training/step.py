@@ -11,6 +11,9 @@
 4. unscale + gradient clipping (``grad_clip``), scaler step and update, ``zero_grad``;
 5. the LR schedule, the EMA update, and the step's non-finite flag (a device tensor).
 
+On a CPU the step also makes glibc's malloc keep freed memory (``retain_cpu_memory``): without it
+every step's activations come from fresh, zero-filled pages.
+
 The training loop keeps the data, the ticks, evaluation and checkpoints; it reads the step's
 optimizer, scheduler, scaler and EMA for its checkpoints. Nothing in a step reads a device value
 on the host: with the fused AdamW (CUDA) the scaler passes its scale and inf flag to the
@@ -18,6 +21,9 @@ optimizer as tensors, the clip is computed on the device, and the step's losses 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -55,6 +61,33 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return opt, "AdamW (fused)" if fused else "AdamW (foreach)"
 
 
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest accepted M_MMAP_THRESHOLD on 64-bit
+_cpu_memory_retained: bool | None = None
+
+
+def retain_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS (once per
+    process; Linux/glibc only, else a no-op returning False).
+
+    PyTorch's CPU allocator is malloc: every step allocates and frees the same activations and
+    gradients, and with glibc's defaults blocks above its dynamic mmap threshold come from fresh
+    mmaps whose pages are zero-filled on first touch. Measured on a 2-core AMD EPYC (AVX-512), the
+    CIFAR preset at batch 8: ~57,700 page faults per step, 154 with these settings (blocks up to
+    32 MiB from the heap, no trimming); the step's time drops by ~10%. The cost: the process keeps
+    its peak heap (it would reach it again at the next step anyway)."""
+    global _cpu_memory_retained
+    if _cpu_memory_retained is None:
+        _cpu_memory_retained = False
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+            ok = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+                  and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and libc.mallopt(_M_TOP_PAD, 64 * 2**20) == 1)
+            _cpu_memory_retained = ok
+    return _cpu_memory_retained
+
+
 class TrainStep:
     """One optimisation step of ``model`` (see the module docstring).
 
@@ -75,6 +108,7 @@ class TrainStep:
             raise ValueError(f"grad_clip must be > 0 (or None), got {grad_clip}")
         self.model = model
         self.device = next(model.parameters()).device
+        self.retains_memory = self.device.type == "cpu" and retain_cpu_memory()
         self.channels_last = channels_last
         if channels_last:  # every 4-D weight (and so every feature map) channels-last; values unchanged
             model.to(memory_format=torch.channels_last)
@@ -113,7 +147,8 @@ class TrainStep:
     def describe(self) -> str:
         compiled = f"torch.compile mode {self.compile_mode}" if self.compiled else "eager"
         layout = "channels-last" if self.channels_last else "NCHW"
-        return f"{self.optimizer_name}, {compiled}, {layout}, EMA {'foreach lerp' if self.ema else 'off'}"
+        malloc = ", glibc malloc keeps freed memory" if self.retains_memory else ""
+        return f"{self.optimizer_name}, {compiled}, {layout}, EMA {'foreach lerp' if self.ema else 'off'}{malloc}"
 
     def key(self, y: torch.Tensor, step: int) -> BatchKey:
         """The batch key of this process's rows of global batch ``step`` (a collective under DDP)."""
