@@ -100,6 +100,27 @@ def test_cpu_path_is_the_default_on_cpu_and_reference_forces_pytorch():
     assert not any("jdm_fast" in f for f in seen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_a_non_finite_input_poisons_its_group_only(dtype, cl):
+    """A NaN or inf in one group makes that group's outputs and input gradients NaN (rounded to NaN,
+    not to a finite bf16/fp16 value) and leaves every other group's finite: a bad batch is never
+    silently normalised into finite numbers."""
+    x = torch.randn(3, 32, 5, 5).to(dtype)
+    x[1, 9, 2, 3], x[2, 30, 0, 0] = float("nan"), float("inf")  # groups (1, 2) and (2, 7) of 8
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = group_norm_silu(x, 8, torch.randn(32), torch.randn(32))
+    y.backward(torch.ones_like(y))
+    bad = torch.zeros(3, 8, dtype=torch.bool)
+    bad[1, 2] = bad[2, 7] = True
+    for t in (y, x.grad):
+        per_group = t.detach().float().reshape(3, 8, -1)
+        assert torch.isnan(per_group[bad]).all()
+        assert torch.isfinite(per_group[~bad]).all()
+
+
 def test_cpu_kernel_gradients_are_deterministic():
     x = torch.randn(8, 32, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
     w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
