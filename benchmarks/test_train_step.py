@@ -92,7 +92,7 @@ def test_train_step_cpu(benchmark, preset, batch, request):
             steps[v](x, y)
             times[v].append(time.perf_counter() - t0)
 
-    rounds, warmup = (5, 1) if preset == "digits" else (3, 1)
+    rounds, warmup = (7, 1) if preset == "digits" else (5, 1)
     loss = benchmark.pedantic(lambda: steps["engine"](x, y), setup=baselines_round, rounds=rounds, iterations=1,
                               warmup_rounds=warmup)
     assert torch.isfinite(loss), f"engine: non-finite loss {loss}"
