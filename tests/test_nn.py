@@ -158,6 +158,10 @@ def test_layout_keeping_split_cat_and_mean_compute_what_torch_computes(layout, d
     for grad in ours[2:]:
         assert grad.dtype == dtype and grad.is_contiguous(memory_format=layout)
     assert torch.equal(ours[3][3:], torch.zeros_like(ours[3][3:]))
+    x = base[0].to(dtype, copy=True).contiguous(memory_format=layout).requires_grad_()
+    split_batch(x, 2)[0].sum().backward()  # the rest is unused: its gradient is zeros
+    assert x.grad.is_contiguous(memory_format=layout)
+    assert torch.equal(x.grad, torch.cat([torch.ones_like(x[:2]), torch.zeros_like(x[2:])]))
     with pytest.raises(ValueError, match="b=6 outside 0..5"):
         split_batch(base[0], 6)
     with pytest.raises(ValueError, match=r"spatial_mean: x must be \(N, C, H, W\)"):

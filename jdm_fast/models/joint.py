@@ -17,8 +17,9 @@ term. Multi-label data uses BCE-with-logits; rows with any negative entry are un
 Given a :class:`BatchKey` (what the trainer passes), every random draw of the loss is a pure
 function of ``(seed, step, global example index)``: timesteps, noise and the UNet's dropout masks
 (``unet.DropoutKey``) come from counter-based Philox streams, head-dropout masks are drawn for the
-whole global batch and sliced, and the loss terms are scaled so that data-parallel gradient averaging reproduces the
-single-process gradient. A run then does not depend on how many processes ran it.
+whole global batch and sliced, and the loss terms are scaled so that data-parallel gradient
+averaging reproduces the single-process gradient. A run then does not depend on how many
+processes ran it.
 """
 from __future__ import annotations
 

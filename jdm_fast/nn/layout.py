@@ -44,7 +44,10 @@ class _SplitBatch(torch.autograd.Function):
         shape, dtype, device, layout = ctx.meta
         grad = torch.empty(shape, dtype=dtype, device=device, memory_format=layout)
         for part, g in ((grad[:ctx.b], g1), (grad[ctx.b:], g2)):
-            part.zero_() if g is None else part.copy_(g)
+            if g is None:
+                part.zero_()
+            else:
+                part.copy_(g)
         return grad, None
 
 
