@@ -7,6 +7,7 @@ from torch import nn
 
 from jdm_fast.nn.norm import GroupNormSiLU
 from jdm_fast.ops import attention
+from jdm_fast.ops.norm import memory_format_of
 
 
 class SelfAttention2d(nn.Module):
@@ -44,7 +45,7 @@ class SelfAttention2d(nn.Module):
         b, c, *spatial = x.shape
         if c != self.channels:
             raise ValueError(f"SelfAttention2d: expected {self.channels} channels, got {c}")
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if memory_format_of(x) == torch.channels_last:
             return self._forward_channels_last(x)
         seq = x.reshape(b, c, -1)
         length = seq.shape[-1]

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+from jdm_fast.ops.norm import memory_format_of
 
 
 def _like(meta: tuple, fill: torch.Tensor) -> torch.Tensor:
@@ -29,7 +25,7 @@ def _like(meta: tuple, fill: torch.Tensor) -> torch.Tensor:
 
 def _meta(x: torch.Tensor) -> tuple:
     # what backward needs of an input: not the tensor (saving it would keep it alive until backward)
-    return x.shape, x.dtype, x.device, _layout(x)
+    return x.shape, x.dtype, x.device, memory_format_of(x)
 
 
 class _SplitBatch(torch.autograd.Function):

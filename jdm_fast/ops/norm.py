@@ -118,7 +118,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
     if dy.shape[2] > 1 and dy.shape[3] > 1 and dy.stride(2) != dy.shape[3] * dy.stride(3):
         # the kernels flatten H, W (see kernels.group_norm._hw_stride): give dy x's layout
-        dy = dy.contiguous(memory_format=_layout(x))
+        dy = dy.contiguous(memory_format=memory_format_of(x))
     dx, dw, db, ds, dsh = _bwd(dy, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups, ctx.act)
     present = [weight, bias, scale, shift]
     return (dx, *[g if t is not None else None for g, t in zip((dw, db, ds, dsh), present)], None, None, None)
@@ -151,7 +151,8 @@ if HAS_C:
     torch.library.register_autograd("jdm_fast::group_norm_silu_cpu", _cpu_backward, setup_context=_setup_context)
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor dense in that layout only, else ``torch.contiguous_format``."""
     return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
                                    and x.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
 
