@@ -186,7 +186,8 @@ class ClassifierHead(nn.Module):
 
 
 class BaselineJoint(nn.Module):
-    """UNet + head + joint loss ``mse(eps_hat, eps) + lambda * CE(head(features(encode(x0, 0))), y)``.
+    """UNet + head + joint loss ``mse(eps_hat, eps) + lambda * CE(head(features(encode(x0, 0))), y)``
+    (classifier_input "xt": the head on x_t's features; "both": the two CEs summed).
 
     ``forward`` returns ``(total, diffusion, classifier)``; labels < 0 count as unlabelled, as in
     ``JointDiffusion``. No augmentation (the benchmarks run both models without it).
@@ -232,8 +233,11 @@ class BaselineJoint(nn.Module):
         h, skips, emb = self.unet.encode(self.q_sample(x0, t, noise), t)
         diffusion = F.mse_loss(self.unet.decode(h, skips, emb).float(), noise.float())
         if self.config.classifier_input == "xt":
-            logits = self.head(self.unet.features(h, skips))
+            cls = self.classifier_loss(self.head(self.unet.features(h, skips)), y)
+        elif self.config.classifier_input == "both":  # the head on [x0 features ; x_t features], CEs summed
+            h0, skips0, _ = self.unet.encode(x0, torch.zeros_like(t))
+            logits = self.head(torch.cat([self.unet.features(h0, skips0), self.unet.features(h, skips)]))
+            cls = self.classifier_loss(logits[:x0.shape[0]], y) + self.classifier_loss(logits[x0.shape[0]:], y)
         else:
-            logits = self.classify(x0)
-        cls = self.classifier_loss(logits, y)
+            cls = self.classifier_loss(self.classify(x0), y)
         return diffusion + self.config.classifier_weight * cls, diffusion, cls

@@ -21,7 +21,8 @@ Reports (printed table + JSON, default ``<checkpoint folder>/eval.json``):
 generating; its labels >= 0 are the targets for class consistency. A counterfactual file
 (``--mode counterfactual``) is judged per ``t_start``/``alpha`` setting, each with the fraction
 the model's own head reads as the target (``head_reads_target``) next to the judges'.
-Generated conditional samples take the sampler's ``--purify``, ``--retries``/``--recheck``/``--accept``
+Generated conditional samples (``--modes``: ``guided`` by default on a head also trained on x_t,
+the digits preset, else ``cond``; each with ``python -m jdm_fast.sample``'s defaults) take the sampler's ``--purify``, ``--retries``/``--recheck``/``--accept``
 and ``--amp``.
 
 A model trained with ``--objective diffusion`` (no head) gets no test accuracy and no conditional
@@ -31,6 +32,7 @@ samples; one trained with ``--objective classifier`` (no decoder) gets test accu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -68,11 +70,13 @@ def parser() -> argparse.ArgumentParser:
                    "a safetensors export (the one set it holds)")
     p.add_argument("--num", type=int, default=500, help="samples per mode (uncond, cond) for FID/precision/recall")
     p.add_argument("--samples", help="evaluate the images of this samples.npz instead of generating")
-    p.add_argument("--modes", nargs="+", choices=("uncond", "cond"), default=["uncond", "cond"],
-                   help="sample sets to generate (those the model can make: no cond without a head)")
+    p.add_argument("--modes", nargs="+", choices=("uncond", "cond", "guided"),
+                   help="sample sets to generate (those the model can make: no cond or guided without a head); "
+                        "default: uncond and, on a head also trained on x_t (the digits preset), guided, else cond")
     p.add_argument("--cond-num", type=int, help="conditional samples (default --num; steering costs ~20x an "
                    "unconditional sample)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the generated samples")
+    p.add_argument("--steps", type=int, default=50, help="reverse steps of the generated samples (each mode's "
+                   "default sampler, as python -m jdm_fast.sample)")
     p.add_argument("--alpha", type=float, default=SampleSettings().alpha,
                    help="representation step of the cond samples (normalised; see python -m jdm_fast.sample -h)")
     p.add_argument("--purify", type=float, default=SampleSettings().purify,
@@ -220,17 +224,21 @@ def run(args: argparse.Namespace, log=print) -> dict:
         k = lm.num_classes
         amp, why = amp_dtype(args.amp, device)
         log(f"generating in {amp or 'fp32'}: {why}")
+        noise_aware = lm.model.config.noise_aware_head
         settings = SampleSettings(steps=args.steps, alpha=args.alpha, retries=args.retries, accept=args.accept,
                                   amp=amp, purify=args.purify, recheck=args.recheck)
         results["precision"] = amp or "fp32"
-        modes = [m for m in args.modes if m == "uncond" or lm.model.config.classifies]
-        if len(modes) < len(args.modes):
+        asked = args.modes or ["uncond", "guided" if noise_aware else "cond"]
+        modes = [m for m in asked if m == "uncond" or lm.model.config.classifies]
+        if len(modes) < len(asked):
             log(f"no conditional samples: {ckpt} was trained with --objective {raw.objective} (no classifier head)")
         for mode in modes:
             num = args.num if mode == "uncond" else cond_num
             labels = None if mode == "uncond" else balanced_labels(num, k)
             t0 = time.perf_counter()
-            x = generate(lm.model, mode, num, labels, settings, torch.Generator(device=device).manual_seed(args.seed),
+            # guided reads the head on x_t where it was trained there, as python -m jdm_fast.sample does
+            s = dataclasses.replace(settings, head_input="xt") if mode == "guided" and noise_aware else settings
+            x = generate(lm.model, mode, num, labels, s, torch.Generator(device=device).manual_seed(args.seed),
                          device, augment=lm.augment)
             seconds = time.perf_counter() - t0
             log(f"generated {num} {mode} samples in {seconds:.1f}s")

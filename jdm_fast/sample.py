@@ -12,14 +12,17 @@ Modes (all steer with the model's own head; see jdm_fast/generation/steering.py)
   The head reads ``--head-views`` copies of x0_hat under its training augmentation (digits: 2-pixel
   shifts) and the loss is their mean, the expectation the head was trained on. Ancestral by default.
   ``--head-input xt`` is PAPER.md literally (head on x_t's own pooled representations, off the
-  head's training distribution); ``--authors-variant`` adds the authors' two flaws (+alpha, away
+  training distribution of a head trained on clean images); ``--authors-variant`` adds the authors' two flaws (+alpha, away
   from the target; raw t fed to the head) to show the difference.
-- guided: pixel-space classifier guidance, grad_{x_t} log p(y | x0_hat(x_t)) through the whole
-  UNet and the t = 0 encoder pass (``--head-input xt``: the head on x_t's features), ``--guidance-scale``,
-  with the same head views.
+- guided: pixel-space classifier guidance, ``--guidance-scale`` times grad_{x_t} log p(y | .): on a
+  head also trained on x_t (``--classifier-input both``, the digits preset) the head on x_t's own
+  features at t (``--head-input xt``, the default there; ancestral by default), otherwise the head
+  on x0_hat(x_t) through the whole UNet and the t = 0 encoder pass, with the same head views
+  (``--head-input x0``; DDIM by default).
 - counterfactual: test-split images (or ``--images``) noised to ``--t-start`` (fraction of T) and
-  run back to t = 0 with the cond sampler towards ``--class`` (default: a different class per image),
-  deterministic DDIM by default (stays closer to the original).
+  run back to t = 0 towards ``--class`` (default: a different class per image), steered as guided
+  (``--steer guided``, the default on a head trained on x_t; ancestral) or as cond (``--steer
+  cond``; deterministic DDIM, which stays closer to the original).
 
 Writes PNG grids and ``samples.npz`` (``images`` uint8 N x H x W x C, ``labels`` the target class
 of each image or -1) to ``--out``; counterfactual mode also writes ``originals``,
@@ -42,17 +45,19 @@ from PIL import Image
 
 from jdm_fast.data.images import from_uint8, save_grid, to_uint8
 from jdm_fast.generation import (
-    DEFAULT_SAMPLER,
     HEAD_INPUTS,
     MODES,
     SAMPLERS,
+    STEERS,
     SampleSettings,
     balanced_labels,
     check_class,
     counterfactuals,
     generate,
+    guides,
     head_probabilities,
     load_joint_model,
+    sampler_for,
 )
 from jdm_fast.training.config import check_device
 from jdm_fast.training.precision import amp_dtype
@@ -78,10 +83,15 @@ def parser() -> argparse.ArgumentParser:
                    help="representation step of cond/counterfactual (counterfactual: several values sweep); with "
                         "the default normalised step a fraction of the representations' RMS per example, with "
                         f"--raw-step the paper's raw alpha * dCE/dz (order 1e2..1e3) (default {DEFAULTS.alpha:g})")
-    p.add_argument("--head-input", choices=HEAD_INPUTS, default=DEFAULTS.head_input,
-                   help="what the head reads while steering (cond, guided, counterfactual): x0 = the head fed as "
-                        "it was trained, on the model's own clean-image prediction x0_hat(x_t) encoded at t = 0 "
-                        "(default); xt = PAPER.md literally, the head on x_t's own pooled representations")
+    p.add_argument("--head-input", choices=HEAD_INPUTS,
+                   help="what the head reads while steering (cond, guided, counterfactual): x0 = the model's own "
+                        "clean-image prediction x0_hat(x_t) encoded at t = 0; xt = x_t's own features at t (cond: "
+                        "PAPER.md literally, the pooled representations). Default: xt for guided when the head was "
+                        "also trained on x_t (--classifier-input xt or both: the digits preset), x0 otherwise")
+    p.add_argument("--steer", choices=STEERS,
+                   help="counterfactual: steer like --mode cond (representation steps, --alpha) or like --mode "
+                        "guided (classifier guidance, --guidance-scale). Default: guided when the head was also "
+                        "trained on x_t (the digits preset), cond otherwise")
     p.add_argument("--raw-step", action="store_true",
                    help="cond/counterfactual: the paper's raw step z - alpha * dCE/dz instead of the normalised "
                         "z - alpha * rms(z) * g / rms(g)")
@@ -161,31 +171,22 @@ def validate(args: argparse.Namespace) -> None:
     for t in args.t_start:
         if not 0.0 < t <= 1.0:
             raise ValueError(f"--t-start must lie in (0, 1] (a fraction of T), got {t}")
-    # --purify / --retries: None = the default of the modes they apply to, 0 elsewhere and for the
-    # literal variants (--authors-variant, --head-input xt), which show the published update alone
-    literal = args.authors_variant or args.head_input == "xt"
     if args.purify is not None:
         if not 0.0 <= args.purify < 1.0:
             raise ValueError(f"--purify must lie in [0, 1) (a fraction of T), got {args.purify}")
         if args.mode not in ("cond", "guided"):
             raise ValueError(f"--purify is for --mode cond and guided, not {args.mode}")
-    if args.purify is None:
-        args.purify = DEFAULTS.purify if args.mode in ("cond", "guided") and not literal else 0.0
     if args.retries is not None:
         if args.retries < 0:
             raise ValueError(f"--retries must be >= 0, got {args.retries}")
         if args.mode == "uncond":
             raise ValueError("--retries redraws samples the head is unsure of: it is for the steered modes (cond, "
                              "guided, counterfactual), not uncond")
-    if args.retries is None:
-        args.retries = 0 if args.mode == "uncond" or literal else DEFAULTS.retries
-    if args.recheck is not None:
-        if args.recheck < 0:
-            raise ValueError(f"--recheck must be >= 0, got {args.recheck}")
-        if args.recheck and not args.purify:
-            raise ValueError("--recheck re-purifies the samples: it needs --purify > 0 (--mode cond or guided)")
-    if args.recheck is None:
-        args.recheck = DEFAULTS.recheck if args.purify else 0
+    if args.recheck is not None and args.recheck < 0:
+        raise ValueError(f"--recheck must be >= 0, got {args.recheck}")
+    if args.steer is not None and args.mode != "counterfactual":
+        raise ValueError(f"--steer chooses how counterfactuals are steered; --mode {args.mode} has its own "
+                         "(cond: representation steps, guided: classifier guidance)")
     if not 0.0 <= args.accept <= 1.0:
         raise ValueError(f"--accept must lie in [0, 1] (a probability), got {args.accept}")
     if args.inner_steps < 1:
@@ -200,6 +201,31 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("several --alpha/--t-start values and --images are for --mode counterfactual")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint: no checkpoint at {args.checkpoint}")
+
+
+def resolve_defaults(args: argparse.Namespace, noise_aware: bool) -> None:
+    """Fill in the flags whose default depends on the mode and on the model (``noise_aware``: its
+    head was also trained on x_t, ``JointConfig.noise_aware_head``). ``--head-input``: xt for
+    guided on such a model (classifier guidance with a noise-aware classifier), x0 otherwise.
+    ``--steer`` (counterfactual): guided on such a model, cond otherwise; guided counterfactuals
+    read the head as mode guided does.
+    ``--purify`` / ``--retries``: the defaults of the modes they apply to, 0 elsewhere and for the
+    literal variants (``--authors-variant``, or ``--head-input xt`` on a head trained on clean
+    images only), which show the published update alone."""
+    if args.steer is None:
+        args.steer = "guided" if args.mode == "counterfactual" and noise_aware else "cond"
+    if args.head_input is None:
+        guided = args.mode == "guided" or (args.mode == "counterfactual" and args.steer == "guided")
+        args.head_input = "xt" if guided and noise_aware else "x0"
+    literal = args.authors_variant or (args.head_input == "xt" and not noise_aware)
+    if args.purify is None:
+        args.purify = DEFAULTS.purify if args.mode in ("cond", "guided") and not literal else 0.0
+    if args.retries is None:
+        args.retries = 0 if args.mode == "uncond" or literal else DEFAULTS.retries
+    if args.recheck and not args.purify:
+        raise ValueError("--recheck re-purifies the samples: it needs --purify > 0 (--mode cond or guided)")
+    if args.recheck is None:
+        args.recheck = DEFAULTS.recheck if args.purify else 0
 
 
 def load_images(paths: list[str], shape: tuple[int, int, int]) -> np.ndarray:
@@ -233,18 +259,19 @@ def _settings(args: argparse.Namespace, steps: int | None, sampler: str, alpha: 
                           authors=args.authors_variant, head_input=args.head_input, normalize=not args.raw_step,
                           inner_steps=args.inner_steps, t_min=args.steer_until, head_views=args.head_views,
                           batch_size=args.batch_size, retries=args.retries, accept=args.accept, amp=amp,
-                          purify=args.purify, recheck=args.recheck)
+                          purify=args.purify, recheck=args.recheck, steer=args.steer)
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
     validate(args)
     steps = parse_steps(args.steps)
-    sampler = args.sampler or ("ancestral" if steps is None else DEFAULT_SAMPLER[args.mode])
     device = check_device(args.device)
     lm = load_joint_model(args.checkpoint, ema=args.ema, device=device)
     lm.require("generate", "sampling")
     if args.mode != "uncond":  # every other mode steers with the model's own head
         lm.require("classify", f"--mode {args.mode}")
+    resolve_defaults(args, lm.model.config.noise_aware_head)
+    sampler = args.sampler or ("ancestral" if steps is None else sampler_for(args.mode, _settings(args, steps, None, 0.0)))
     T = lm.model.diffusion.num_timesteps
     if steps is not None and steps > T:
         raise ValueError(f"--steps {steps} exceeds the model's {T} diffusion steps (use at most {T}, or 'full')")
@@ -255,7 +282,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(args.seed)
     amp, why = amp_dtype(args.amp, device)
-    log(f"{lm.path} (step {lm.step}, {lm.weights} weights) | mode {args.mode} | {sampler} "
+    steering = ""
+    if args.mode != "uncond":
+        how = "guidance" if guides(args.mode, _settings(args, steps, sampler, 0.0)) else "representation steps"
+        on_xt = args.head_input == "xt" or args.authors_variant
+        steering = f" | {how}, head on {'x_t' if on_xt else 'x0_hat(x_t) at t = 0'}"
+    log(f"{lm.path} (step {lm.step}, {lm.weights} weights) | mode {args.mode}{steering} | {sampler} "
         f"{'full chain' if steps is None else f'{steps} steps'} | seed {args.seed} | precision {amp or 'fp32'}: {why}")
     start = time.perf_counter()
     if args.mode == "counterfactual":
@@ -284,7 +316,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 "(an independent check: python -m jdm_fast.evaluate --samples)")
     result.update(seconds=time.perf_counter() - start, npz=str(out / "samples.npz"), checkpoint=str(lm.path),
                   objective=lm.objective, weights=lm.weights, step=lm.step, authors_variant=args.authors_variant,
-                  head_input=args.head_input, raw_step=args.raw_step, alpha=args.alpha,
+                  head_input=args.head_input, steer=args.steer, raw_step=args.raw_step, alpha=args.alpha,
                   guidance_scale=args.guidance_scale, steer_until=args.steer_until, inner_steps=args.inner_steps,
                   head_views=args.head_views if lm.augment is not None else 1, sampler=sampler, steps=args.steps,
                   retries=args.retries, accept=args.accept, purify=args.purify, recheck=args.recheck,

@@ -20,7 +20,7 @@ from pathlib import Path
 from jdm_fast.data import DATASET_INFO
 from jdm_fast.data.loaders import BACKENDS
 from jdm_fast.diffusion import SCHEDULES
-from jdm_fast.models.joint import OBJECTIVES
+from jdm_fast.models.joint import CLASSIFIER_INPUTS, OBJECTIVES, with_objective
 from jdm_fast.training.config import COMPILE_MODES, DEFAULT_PRESET, PRESETS, TrainConfig, get_preset
 
 # flag -> TrainConfig field, for options that override the preset when given
@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
                         "eps-MSE alone (no head); classifier = encoder + head on the CE of clean images at t = 0 "
                         "alone (no decoder is built)")
     p.add_argument("--classifier-weight", type=float, help="lambda of the joint loss")
-    p.add_argument("--classifier-input", choices=["x0", "xt"], help="classifier on clean x0 (t=0) or noisy x_t")
+    p.add_argument("--classifier-input", choices=CLASSIFIER_INPUTS,
+                   help="classifier on clean x0 (t=0), on noisy x_t, or both (CE of the two summed: a noise-aware head)")
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--num-timesteps", type=int)
     p.add_argument("--loader", choices=BACKENDS)
@@ -105,10 +106,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         model = dataclasses.replace(model, unet=dataclasses.replace(model.unet, dropout=args.dropout))
     if args.classifier_weight is not None:
         model = dataclasses.replace(model, classifier_weight=args.classifier_weight)
-    if args.classifier_input is not None:
-        model = dataclasses.replace(model, classifier_input=args.classifier_input)
     if args.objective is not None:
-        model = dataclasses.replace(model, objective=args.objective)
+        model = with_objective(model, args.objective)
+    if args.classifier_input is not None:  # after the objective: an explicit input is checked against it
+        model = dataclasses.replace(model, classifier_input=args.classifier_input)
     return dataclasses.replace(base, model=model, **changes)
 
 

@@ -14,7 +14,8 @@ from jdm_fast.models.joint import JointConfig
 TINY_JOINT = JointConfig(
     unet=UNetConfig(image_size=28, in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_resolutions=(), num_heads=None, num_head_channels=16, dropout=0.0, num_groups=8),
-    head=HeadConfig(num_classes=10, dropout=0.1), classifier_weight=1e-2)
+    head=HeadConfig(num_classes=10, dropout=0.1), classifier_weight=1e-2,
+    classifier_input="both")  # as the digits preset: the head also trained on x_t (guided sampling reads it)
 
 
 @pytest.fixture(scope="session")

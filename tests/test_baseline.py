@@ -48,7 +48,7 @@ def test_state_dict_keys_match_and_load_both_ways():
                                                    num_head_channels=8, dropout=0.0, num_groups=8,
                                                    use_scale_shift_norm=False)],
                          ids=["scale_shift", "no_scale_shift+head_channels"])
-@pytest.mark.parametrize("classifier_input", ["x0", "xt"])
+@pytest.mark.parametrize("classifier_input", ["x0", "xt", "both"])
 def test_baseline_matches_joint_diffusion(unet, classifier_input):
     """Module for module: our model with the baseline's two encoder calls (the default one call
     of twice the batch equals it up to summation order: tests/test_models.py)."""

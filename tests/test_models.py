@@ -211,6 +211,7 @@ def test_x_cls_is_checked():
         model(x0, y, x_cls=x0[:1])
     with pytest.raises(ValueError, match="classifier_input is 'xt'"):
         tiny_joint(classifier_input="xt")(x0, y, x_cls=x0)
+    tiny_joint(classifier_input="both")(x0, y, x_cls=x0)  # accepted
 
 
 def test_classifier_on_noisy_input_uses_the_diffusion_pass():
@@ -221,6 +222,30 @@ def test_classifier_on_noisy_input_uses_the_diffusion_pass():
     losses = model(x0, y, t=t, noise=noise)
     logits = model.logits(model.unet.encode(model.diffusion.q_sample(x0, t, noise), t))
     torch.testing.assert_close(losses.classifier, F.cross_entropy(logits, y))
+
+
+def test_classifier_on_both_inputs_sums_the_two_cross_entropies():
+    """classifier_input "both": CE of the head on x_cls at t = 0 plus CE on x_t's features at t,
+    from separate encoder passes; accuracy counts the t = 0 pass only; in training the
+    head's BatchNorm sees both halves in one batch."""
+    torch.manual_seed(0)
+    model = tiny_joint(classifier_input="both").eval()
+    x0, y = torch.rand(3, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2])
+    x_cls = torch.roll(x0, 1, dims=3)
+    t, noise = torch.tensor([5, 60, 90]), torch.randn(3, 1, 8, 8)
+    losses = model(x0, y, t=t, noise=noise, x_cls=x_cls)
+    x_t = model.diffusion.q_sample(x0, t, noise)
+    clean = model.classify(x_cls)
+    noisy = model.logits(model.unet.encode(x_t, t))
+    torch.testing.assert_close(losses.classifier, F.cross_entropy(clean, y) + F.cross_entropy(noisy, y))
+    assert losses.correct.item() == (clean.argmax(1) == y).sum().item() and losses.labelled.item() == 3
+    model.train()
+    bn = model.head.net[1]
+    before = bn.running_mean.clone()
+    model(x0, y, t=t, noise=noise, x_cls=x_cls)
+    feats = torch.cat([model.unet.features(model.unet.encode(x_cls, torch.zeros_like(t))),
+                       model.unet.features(model.unet.encode(x_t, t))])
+    torch.testing.assert_close(bn.running_mean, (1 - bn.momentum) * before + bn.momentum * feats.mean(0))
 
 
 def test_semi_supervised_unlabelled_examples_add_only_diffusion():

@@ -134,6 +134,26 @@ def test_objective_is_validated():
         dataclasses.replace(MODEL, objective="classifier", classifier_input="xt")
 
 
+def test_the_digits_presets_noise_aware_head_and_the_classifier_only_objective():
+    from jdm_fast import train as cli
+    from jdm_fast.models.joint import with_objective
+    from jdm_fast.training.config import get_preset
+
+    digits = get_preset("digits").model
+    assert digits.classifier_input == "both" and digits.noise_aware_head
+    assert not MODEL.noise_aware_head  # x0
+    assert not dataclasses.replace(MODEL, classifier_input="both", objective="diffusion").noise_aware_head  # no head
+    assert with_objective(digits, "classifier").classifier_input == "x0"  # reads clean images only
+    assert with_objective(digits, "diffusion").classifier_input == "both"
+    with pytest.raises(ValueError, match="needs --classifier-input x0"):
+        with_objective(dataclasses.replace(MODEL, classifier_input="xt"), "classifier")
+    resolve = lambda *argv: cli.resolve_config(cli.parser().parse_args(list(argv))).model  # noqa: E731
+    assert resolve("--objective", "classifier").classifier_input == "x0"
+    assert resolve("--classifier-input", "x0").classifier_input == "x0"
+    with pytest.raises(ValueError, match="needs --classifier-input x0"):
+        resolve("--objective", "classifier", "--classifier-input", "both")
+
+
 # --- through the CLIs -------------------------------------------------------------------------
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--steps", "4", "--batch-size", "16", "--log-every", "2",
@@ -222,6 +242,7 @@ def test_compare_quick_trains_every_objective_and_fills_every_cell(tmp_path):
         if r["objective"] == "joint":
             assert {"digits-features", "knn5-pixels"} <= r["cond_consistency_by_judge"].keys()
             assert r["cond_consistency"] == r["cond_consistency_by_judge"]["digits-features"]
+            assert r["cond_mode"] == "cond"  # the tiny preset's head reads clean images only
     table = (out / "compare.md").read_text()
     assert table.count("\n| joint |") == 2 and table.count("\n| classifier |") == 2 and "| diffusion | unused |" in table
     # each run trained what its name says (the trainer's own config.json)

@@ -10,7 +10,8 @@ preset's settings, changed only by ``--steps``, ``--seed``, ``--objective`` and
 ``--amp`` unless ``--no-amp``). Each run is then evaluated with ``python -m jdm_fast.evaluate``'s
 code: EMA test accuracy (joint, classifier-only), FID and precision/recall of ``--num``
 unconditional samples (joint, diffusion-only) and the class consistency of ``--cond-num``
-conditional samples (joint), all in the space of one feature classifier trained once on the train
+conditional samples (joint; evaluate's default conditional mode: guided on the digits preset's
+noise-aware head, cond otherwise; ``cond_mode`` in the results), all in the space of one feature classifier trained once on the train
 split (``DIR/feature_classifier.pt``; ``FID[<dataset>-features]``, not comparable to published FID).
 
 Runs live in ``DIR/runs/<objective>_f<fraction>_s<seed>/``. A run whose ``result.json`` exists is
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jdm_fast.checkpoint import atomic_write
+from jdm_fast.models.joint import with_objective
 from jdm_fast.training.config import PRESETS, TrainConfig, get_preset
 
 QUICK = {"steps": 8, "seeds": [0], "labelled_fractions": [1.0, 0.1], "num": 16, "cond_num": 12, "sample_steps": 3}
@@ -96,7 +98,7 @@ def _check(args: argparse.Namespace) -> None:
 def _train_config(args: argparse.Namespace, spec: RunSpec, out: Path) -> TrainConfig:
     base = get_preset(args.preset)
     return dataclasses.replace(
-        base, model=dataclasses.replace(base.model, objective=spec.objective), steps=args.steps, seed=spec.seed,
+        base, model=with_objective(base.model, spec.objective), steps=args.steps, seed=spec.seed,
         labelled_fraction=spec.fraction, out=str(out), amp=args.amp, device=args.device,
         eval_every=args.steps, save_every=min(base.save_every, args.steps), log_every=min(base.log_every, args.steps),
         num_samples=min(base.num_samples, 16), sample_steps=min(args.sample_steps, base.num_timesteps),  # preview grid
@@ -141,8 +143,11 @@ def run_one(args: argparse.Namespace, spec: RunSpec, root: Path, log) -> dict:
     if "uncond" in ev:
         result.update(fid=ev["uncond"][f"FID[{fe}]"], precision=ev["uncond"][f"precision[{fe}]"],
                       recall=ev["uncond"][f"recall[{fe}]"])
-    if "cond" in ev:  # every judge's agreement in the JSON; the table's column is the feature classifier's
-        judges = {k[len("class_consistency["):-1]: v for k, v in ev["cond"].items() if k.startswith("class_consistency[")}
+    cond_mode = next((m for m in ("guided", "cond") if m in ev), None)  # evaluate's conditional set
+    if cond_mode:  # every judge's agreement in the JSON; the table's column is the feature classifier's
+        judges = {k[len("class_consistency["):-1]: v for k, v in ev[cond_mode].items()
+                  if k.startswith("class_consistency[")}
+        result["cond_mode"] = cond_mode
         result["cond_consistency_by_judge"] = judges
         result["cond_consistency"] = judges.get(fe, next(iter(judges.values())))
     _write_json(out / "result.json", result)

@@ -17,9 +17,11 @@ MODES = ("uncond", "cond", "guided", "counterfactual")
 # The sampler each mode uses when SampleSettings.sampler is None. Representation-optimized
 # generation (cond) is ancestral: its fresh noise at every step washes out the high-frequency
 # texture the steering adds, which a deterministic DDIM run keeps. uncond is deterministic DDIM;
-# guided is DDIM too (the ancestral sampler guides no better); counterfactuals are DDIM so they
-# stay closer to their original.
+# guided is DDIM too (with the head on x0_hat the ancestral sampler guides no better); counterfactuals
+# are DDIM so they stay closer to their original. Guidance by a noise-aware head (head_input "xt":
+# guided, and counterfactuals with steer "guided") is ancestral: see sampler_for.
 DEFAULT_SAMPLER = {"uncond": "ddim", "cond": "ancestral", "guided": "ddim", "counterfactual": "ddim"}
+STEERS = ("cond", "guided")  # how a counterfactual is steered: like mode cond or like mode guided
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -31,7 +33,8 @@ class SampleSettings:
     sampler: str | None = None  # "ddim" or "ancestral" (respaced to ``steps``); None: DEFAULT_SAMPLER[mode]
     eta: float = 0.0  # DDIM only
     alpha: float = 0.033  # representation step (cond, counterfactual); a fraction of rms(z) when normalize
-    guidance_scale: float = 10.0  # guided (pixel-space gradient of log p(y | x0_hat))
+    guidance_scale: float = 10.0  # guided (pixel-space gradient of log p(y | x0_hat), or of log p(y | x_t))
+    steer: str = "cond"  # counterfactual: "cond" (representation steps) or "guided" (classifier guidance)
     authors: bool = False  # the authors' variant of cond: +alpha and raw t fed to the head (on x_t's features)
     head_input: str = "x0"  # what the head reads while steering: "x0" = x0_hat(x_t) at t = 0, "xt" = x_t's features
     normalize: bool = True  # step alpha * rms(z) * g / rms(g) per example; False = the paper's raw alpha * g
@@ -62,6 +65,8 @@ class SampleSettings:
             raise ValueError("alpha and guidance_scale must be >= 0")
         if self.head_input not in HEAD_INPUTS:
             raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {self.head_input!r}")
+        if self.steer not in STEERS:
+            raise ValueError(f"steer must be one of {STEERS}, got {self.steer!r}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
         if not isinstance(self.head_views, int) or self.head_views < 1:
@@ -82,11 +87,23 @@ class SampleSettings:
             raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
 
 
+def guides(mode: str, settings: SampleSettings) -> bool:
+    """Whether a run of ``mode`` steers by pixel-space classifier guidance (mode guided, and
+    counterfactuals with ``steer="guided"``) rather than by representation steps."""
+    return mode == "guided" or (mode == "counterfactual" and settings.steer == "guided")
+
+
 def sampler_for(mode: str, settings: SampleSettings) -> str:
-    """The sampler a run of ``mode`` uses: ``settings.sampler``, or the mode's default."""
+    """The sampler a run of ``mode`` uses: ``settings.sampler``, or the mode's default
+    (DEFAULT_SAMPLER), except that guidance by the head on x_t (``head_input="xt"``) is ancestral:
+    on the digits preset's noise-aware head the judges agreed with 95 / 95% (knn / svm) of guided
+    ancestral samples against 91 / 92% with DDIM (seed-0 checkpoint; 78 / 81% against 97 / 95% on
+    seed 1; README)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return settings.sampler or DEFAULT_SAMPLER[mode]
+    if settings.sampler:
+        return settings.sampler
+    return "ancestral" if guides(mode, settings) and settings.head_input == "xt" else DEFAULT_SAMPLER[mode]
 
 
 def _reverse_config(mode: str, settings: SampleSettings, num_timesteps: int, t_start: float = 1.0) -> ReverseConfig:
@@ -121,11 +138,11 @@ def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleS
             views: HeadViews | None):
     if mode == "uncond":
         return unconditional_eps(model)
-    if mode in ("cond", "counterfactual"):
+    if mode == "cond" or (mode == "counterfactual" and s.steer == "cond"):
         head = AuthorsTimeHead(model.head).to(y.device) if s.authors else None
         return representation_eps(model, y, s.alpha, head_input=s.head_input, authors=s.authors, authors_head=head,
                                   normalize=s.normalize, inner_steps=s.inner_steps, t_min=s.t_min, views=views)
-    if mode == "guided":
+    if guides(mode, s):
         return guidance_eps(model, y, s.guidance_scale, config, head_input=s.head_input, t_min=s.t_min, views=views)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
@@ -270,9 +287,10 @@ class Counterfactuals:
 def counterfactuals(model: JointDiffusion, x0: torch.Tensor, targets: torch.Tensor, t_start: float,
                     settings: SampleSettings, generator: torch.Generator, *,
                     augment: AugmentConfig | None = None) -> Counterfactuals:
-    """Noise ``x0`` to ``t_start`` (a fraction of T), then run the representation-optimized reverse
-    process towards ``targets`` from there to t = 0 (``round(steps * t_start)`` DDIM steps, or the
-    full chain below the start). ``settings.retries`` > 0: a counterfactual the head reads as its
+    """Noise ``x0`` to ``t_start`` (a fraction of T), then run the reverse process steered towards
+    ``targets`` from there to t = 0 (``round(steps * t_start)`` steps of :func:`sampler_for`, or the
+    full chain below the start): representation-optimized (``settings.steer="cond"``, as mode cond)
+    or classifier-guided (``"guided"``, as mode guided, ``settings.guidance_scale``). ``settings.retries`` > 0: a counterfactual the head reads as its
     target with probability < ``settings.accept`` is made again from the same original with fresh
     noise, keeping the more confident copy (as :func:`generate`)."""
     if not isinstance(t_start, (int, float)) or not 0.0 < t_start <= 1.0:

@@ -13,8 +13,11 @@ What the head sees (``head_input``):
   head(features(encode(x0_hat, t=0)))``. The gradient flows through the decoder and the t = 0
   encoder pass back to z.
 - ``"xt"``: PAPER.md literally: the head on the pooled features of x_t's own representations z.
-  With a head trained at t = 0 these features are off its training distribution, so this does
-  not steer. Kept to show the difference.
+  With a head trained at t = 0 only these features are off its training distribution, so this does
+  not steer (kept to show the difference). A head also trained on x_t (``classifier_input`` "xt"
+  or "both", ``JointConfig.noise_aware_head``) reads them as trained, but its gradient with
+  respect to z is one value per channel (the head reads spatial means), so representation steps
+  move only channel means and steer weakly (README); such a head is for classifier guidance.
 
 Head views (:class:`HeadViews`): the head was trained on AUGMENTED clean images (digits: random
 2-pixel shifts), so "as it was trained" means the expectation over that augmentation. With
@@ -39,8 +42,9 @@ extra feature (:class:`AuthorsTimeHead`) on x_t's representations.
 
 Classifier guidance (:func:`guidance_eps`), pixel space: ``g = grad_{x_t} log p(y | .)`` with
 ``head_input="x0"`` (default) the head reading ``x0_hat(x_t)`` through the whole UNet and a t = 0
-encoder pass, or with ``"xt"`` the head on x_t's own features (classic classifier guidance with a
-classifier that was never trained on noisy inputs). Folded into eps for DDIM (``eps - s sqrt(1 -
+encoder pass, or with ``"xt"`` the head on x_t's own features at t: classic classifier guidance
+(Dhariwal & Nichol) when the head was also trained on x_t (``noise_aware_head``; the digits
+preset), one encoder pass forward and backward per step. Folded into eps for DDIM (``eps - s sqrt(1 -
 abar_t) g``, Dhariwal & Nichol) or added to the ancestral posterior mean (``s sigma_t^2 g``).
 """
 from __future__ import annotations

@@ -11,7 +11,9 @@ The diffusion term trains on the clean ``x0``. The classifier sees ``x_cls`` at 
 encoder (default, ``classifier_input="x0"``): the caller's augmented copy of ``x0`` (the trainer
 passes the loader's keyed augmentation, jdm_fast.data), or ``x0`` itself when none is given; the
 model draws no augmentation itself. Or it sees the noisy x_t of the diffusion pass (``"xt"``, no
-extra pass, no augmentation). Examples whose label is -1 (semi-supervised) add only the diffusion
+extra pass, no augmentation). Or both (``"both"``): the classifier term is the CE on ``x_cls`` at
+t = 0 plus the CE on x_t's own features at t (the same head; a noise-aware head, what steering
+with ``head_input="xt"`` reads), and the reported accuracy is the t = 0 pass's. Examples whose label is -1 (semi-supervised) add only the diffusion
 term. Multi-label data uses BCE-with-logits; rows with any negative entry are unlabelled.
 
 Given a :class:`BatchKey` (what the trainer passes), every random draw of the loss is a pure
@@ -23,6 +25,7 @@ processes ran it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,7 +40,7 @@ from jdm_fast.models.unet import DropoutKey, UNet
 from jdm_fast.ops import noise as noise_ops
 from jdm_fast.ops.philox import counter_timesteps  # noqa: F401 - the NumPy reference of the keyed timesteps
 
-CLASSIFIER_INPUTS = ("x0", "xt")
+CLASSIFIER_INPUTS = ("x0", "xt", "both")
 OBJECTIVES = ("joint", "diffusion", "classifier")
 
 
@@ -46,8 +49,8 @@ class JointConfig:
     unet: UNetConfig
     head: HeadConfig
     classifier_weight: float = 1e-3  # lambda
-    classifier_input: str = "x0"
-    # classifier_input "x0": encode x_t and the classifier's clean x0 in one call of twice the batch
+    classifier_input: str = "x0"  # CLASSIFIER_INPUTS; "both": the head's CE on x0 (t = 0) plus on x_t (at t)
+    # classifier_input "x0" / "both": encode x_t and the classifier's clean x0 in one call of twice the batch
     # (False: two encoder calls; same results up to floating-point summation order)
     fuse_encoder_passes: bool = True
     objective: str = "joint"  # OBJECTIVES: joint | diffusion (no head) | classifier (no decoder)
@@ -65,7 +68,7 @@ class JointConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "classifier" and self.classifier_input != "x0":
-            raise ValueError("--objective classifier trains the classifier on clean images at t = 0: it needs "
+            raise ValueError("--objective classifier trains the classifier on clean images at t = 0 only: it needs "
                              f"--classifier-input x0, got {self.classifier_input!r}")
 
     @property
@@ -77,6 +80,19 @@ class JointConfig:
     def classifies(self) -> bool:
         """Whether the model has a classifier head: objectives joint and classifier."""
         return self.objective != "diffusion"
+
+    @property
+    def noise_aware_head(self) -> bool:
+        """Whether the head was trained on noisy x_t's features (classifier_input "xt" or "both"), so
+        it can read x_t at any t (classifier guidance on x_t, ``sample --mode guided``)."""
+        return self.classifies and self.classifier_input in ("xt", "both")
+
+
+def with_objective(cfg: JointConfig, objective: str) -> JointConfig:
+    """``cfg`` training ``objective``; a classifier-only model reads clean images only, so a
+    ``"both"`` classifier input becomes ``"x0"`` there (an explicit ``"xt"`` is still refused)."""
+    both = objective == "classifier" and cfg.classifier_input == "both"
+    return dataclasses.replace(cfg, objective=objective, classifier_input="x0" if both else cfg.classifier_input)
 
 
 # Philox counter word 2 tags keep the counter-based streams of the loss apart from each other and
@@ -204,7 +220,7 @@ class JointDiffusion(nn.Module):
                 x_cls: torch.Tensor | None = None) -> JointLoss:
         """Joint loss of a batch: x0 in [-1, 1] (B, C, H, W), y class ids (B,) or multi-hot (B, K); -1 = unlabelled.
 
-        ``x_cls`` (``classifier_input="x0"`` only): what the classifier encodes at t = 0 instead of
+        ``x_cls`` (``classifier_input`` "x0" or "both"): what the classifier encodes at t = 0 instead of
         ``x0``, shaped like ``x0``: its augmented copy (jdm_fast.data's ``keep_clean`` batches). The
         diffusion term always trains on ``x0``.
 
@@ -219,13 +235,13 @@ class JointDiffusion(nn.Module):
         if y.shape[0] != x0.shape[0]:
             raise ValueError(f"x0 and y batch sizes differ: {x0.shape[0]} vs {y.shape[0]}")
         if x_cls is not None:
-            if self.config.classifier_input != "x0":
+            if self.config.classifier_input == "xt":
                 raise ValueError(f"x_cls was given but classifier_input is {self.config.classifier_input!r}: the "
-                                 "classifier reads the diffusion pass's x_t; pass x_cls only with 'x0'")
+                                 "classifier reads the diffusion pass's x_t; pass x_cls only with 'x0' or 'both'")
             if x_cls.shape != x0.shape:
                 raise ValueError(f"x_cls must have x0's shape {tuple(x0.shape)}, got {tuple(x_cls.shape)}")
         b = x0.shape[0]
-        labelled_total, scale = None, 1.0
+        labelled_total, scale, masks = None, 1.0, None
         objective = self.config.objective
         if objective == "classifier":
             return self._classifier_only(x0 if x_cls is None else x_cls, y, t, noise, key)
@@ -269,8 +285,17 @@ class JointDiffusion(nn.Module):
         if objective == "diffusion":
             zero = torch.zeros((), dtype=torch.long, device=x0.device)
             return JointLoss(diffusion_loss, diffusion_loss, torch.zeros_like(diffusion_loss), zero, zero)
-        logits = self.logits(cls_enc) if key is None else self.head(self.unet.features(cls_enc), masks)
+        feats = self.unet.features(cls_enc)
+        if self.config.classifier_input == "both":
+            # One head call on [x0 features ; x_t features] (its BatchNorm's batch statistics and
+            # running averages cover both, as at evaluation), the same dropout masks for both halves.
+            feats = torch.cat([feats, self.unet.features(enc)])
+            masks = None if masks is None else [None if m is None else torch.cat([m, m]) for m in masks]
+        logits = self.head(feats, masks)
+        logits, logits_t = (logits.split(b) if self.config.classifier_input == "both" else (logits, None))
         cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
+        if logits_t is not None:  # + the CE of the head on x_t's features at t
+            cls_loss = cls_loss + self.classifier_loss(logits_t, y, labelled_total, scale)[0]
         total = diffusion_loss + self.config.classifier_weight * cls_loss
         return JointLoss(total, diffusion_loss, cls_loss, correct, labelled)
 

@@ -197,7 +197,7 @@ def classifier_augment(cfg: TrainConfig) -> AugmentConfig | None:
     (what ``jdm_fast.generation.load_joint_model`` reports as the head's training augmentation) with
     ``--augment`` and the classifier on clean images; None otherwise (on x_t nothing is augmented,
     and a diffusion-only model has no classifier)."""
-    if cfg.augment and cfg.model.classifier_input == "x0" and cfg.model.classifies:
+    if cfg.augment and cfg.model.classifier_input in ("x0", "both") and cfg.model.classifies:
         return default_augment(cfg.dataset)
     return None
 
