@@ -7,7 +7,8 @@
 // x: (N, C, H, W), contiguous (NCHW) or channels-last (NHWC in memory); fp32, fp16 or bf16.
 // Statistics (two-pass: mean, then centred squares) and all math in fp32, sums in fp64 across
 // lanes. One pass over x per statistic and one for the output, each group (NCHW) or example
-// (NHWC) read in its own dtype and converted in registers; the gradients of w, b are reduced over
+// (NHWC, in blocks of rows) read in its own dtype and converted in registers (the NHWC output of
+// bf16/fp16 through a block-sized float buffer); the gradients of w, b are reduced over
 // the batch in a fixed order (bit-identical across runs and thread counts).
 //
 // Backward (the same equations as the Triton kernels, kernels/group_norm.py):
@@ -26,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__)
@@ -101,21 +103,33 @@ JDM_INLINE void sumsq_impl(const T* __restrict x, int64_t n, float mean, double*
   *out = s;
 }
 
-// channels-last: rows of c channels; per-channel sums (and centred squares) into acc
+// Channels-last loops run over blocks of ``rpb`` rows of c channels (rpb * c >= 512 elements, see
+// rows_per_block): per-channel vectors (factors, accumulators) come repeated rpb times, so each
+// block is one long loop; with c = 32..128, one short loop per row spent more on loop entry and
+// tails than on the arithmetic. Accumulators are folded back to c channels by fold_rows.
+inline int64_t rows_per_block(int64_t c) { return std::max<int64_t>(1, (512 + c - 1) / c); }
+
+// per-channel sums (and centred squares) into acc
 template <typename T>
-JDM_INLINE void add_rows_impl(const T* __restrict x, int64_t rows, int64_t c, float* __restrict acc) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < c; ++j) acc[j] += f32(x[r * c + j]);
+JDM_INLINE void add_rows_impl(const T* __restrict x, int64_t rows, int64_t c, float* __restrict acc, int64_t rpb) {
+  for (int64_t r = 0; r < rows; r += rpb) {
+    const int64_t n = std::min(rpb, rows - r) * c;
+    const T* __restrict xr = x + r * c;
+    for (int64_t j = 0; j < n; ++j) acc[j] += f32(xr[j]);
+  }
 }
 
 template <typename T>
 JDM_INLINE void add_sq_rows_impl(const T* __restrict x, int64_t rows, int64_t c, const float* __restrict mean,
-                                 float* __restrict acc) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < c; ++j) {
-      const float d = f32(x[r * c + j]) - mean[j];
+                                 float* __restrict acc, int64_t rpb) {
+  for (int64_t r = 0; r < rows; r += rpb) {
+    const int64_t n = std::min(rpb, rows - r) * c;
+    const T* __restrict xr = x + r * c;
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = f32(xr[j]) - mean[j];
       acc[j] += d * d;
     }
+  }
 }
 
 // y = act(a x + b): one NCHW row (scalar a, b) or channels-last rows (per-channel a, b)
@@ -127,14 +141,28 @@ JDM_INLINE void affine_impl(const T* __restrict x, T* __restrict y, int64_t n, f
   }
 }
 
+// Channels-last (blocks of rpb rows); bf16 / fp16 go through a float buffer (convert, activate,
+// store: three loops that vectorize; one loop with the SiLU and a 16-bit store stayed slower).
 template <typename T, bool ACT>
 JDM_INLINE void affine_rows_impl(const T* __restrict x, T* __restrict y, int64_t rows, int64_t c,
-                                 const float* __restrict a, const float* __restrict b) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < c; ++j) {
-      const float v = a[j] * f32(x[r * c + j]) + b[j];
-      y[r * c + j] = static_cast<T>(ACT ? v * sigmoid(v) : v);
+                                 const float* __restrict a, const float* __restrict b, float* __restrict buf,
+                                 int64_t rows_per_block) {
+  for (int64_t r = 0; r < rows; r += rows_per_block) {
+    const int64_t n = std::min(rows_per_block, rows - r) * c;
+    const T* __restrict xr = x + r * c;
+    T* __restrict yr = y + r * c;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = a[j] * xr[j] + b[j];
+        yr[j] = ACT ? v * sigmoid(v) : v;
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) buf[j] = a[j] * f32(xr[j]) + b[j];
+      if (ACT)
+        for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] * sigmoid(buf[j]);
+      for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<T>(buf[j]);
     }
+  }
 }
 
 // Backward pass 1: du, and the four sums dsh = sum dv, ds = sum dv u, db = sum du, dw = sum du xhat,
@@ -235,16 +263,27 @@ JDM_INLINE void dx_rows_impl(const T* __restrict x, const float* __restrict du, 
     }
 }
 
+// the first c entries of v repeated rpb times (v has rpb * c entries)
+inline void repeat_rows(std::vector<float>& v, int64_t c, int64_t rpb) {
+  for (int64_t r = 1; r < rpb; ++r) std::copy(v.begin(), v.begin() + c, v.begin() + r * c);
+}
+
+// a block accumulator folded back to its first c entries: v[j] = sum_r v[r * c + j]
+inline void fold_rows(std::vector<float>& v, int64_t c, int64_t rpb) {
+  for (int64_t r = 1; r < rpb; ++r)
+    for (int64_t j = 0; j < c; ++j) v[j] += v[r * c + j];
+}
+
 // The hot loops compiled three times, for AVX-512, AVX2 + FMA and the baseline, and picked once at
 // the first call by what the CPU reports (x86-64 with GCC/Clang; elsewhere the baseline only).
 template <typename T>
 struct Kernels {
   void (*sum)(const T*, int64_t, double*);
   void (*sumsq)(const T*, int64_t, float, double*);
-  void (*add_rows)(const T*, int64_t, int64_t, float*);
-  void (*add_sq_rows)(const T*, int64_t, int64_t, const float*, float*);
+  void (*add_rows)(const T*, int64_t, int64_t, float*, int64_t);
+  void (*add_sq_rows)(const T*, int64_t, int64_t, const float*, float*, int64_t);
   void (*affine)(const T*, T*, int64_t, float, float, bool);
-  void (*affine_rows)(const T*, T*, int64_t, int64_t, const float*, const float*, bool);
+  void (*affine_rows)(const T*, T*, int64_t, int64_t, const float*, const float*, bool, float*, int64_t);
   void (*bwd_row)(const T*, const T*, float*, int64_t, float, float, float, float, float, float, bool, double*);
   void (*bwd_rows)(const T*, const T*, float*, int64_t, int64_t, BwdParams, bool, float*, float*, float*, float*);
   void (*dx_row)(const T*, const float*, T*, int64_t, float, float, float, float, float);
@@ -263,32 +302,34 @@ struct Kernels {
     sumsq_impl<T>(x, n, m, o);                                                                                  \
   }                                                                                                             \
   template <typename T>                                                                                         \
-  ATTR void add_rows(const T* x, int64_t r, int64_t c, float* a) {                                              \
-    add_rows_impl<T>(x, r, c, a);                                                                               \
+  ATTR void add_rows(const T* x, int64_t r, int64_t c, float* a, int64_t rpb) {                                 \
+    add_rows_impl<T>(x, r, c, a, rpb);                                                                          \
   }                                                                                                             \
   template <typename T>                                                                                         \
-  ATTR void add_sq_rows(const T* x, int64_t r, int64_t c, const float* m, float* a) {                           \
-    add_sq_rows_impl<T>(x, r, c, m, a);                                                                         \
+  ATTR void add_sq_rows(const T* x, int64_t r, int64_t c, const float* m, float* a, int64_t rpb) {              \
+    add_sq_rows_impl<T>(x, r, c, m, a, rpb);                                                                    \
   }                                                                                                             \
   template <typename T>                                                                                         \
   ATTR void affine(const T* x, T* y, int64_t n, float a, float b, bool act) {                                   \
     act ? affine_impl<T, true>(x, y, n, a, b) : affine_impl<T, false>(x, y, n, a, b);                           \
   }                                                                                                             \
   template <typename T>                                                                                         \
-  ATTR void affine_rows(const T* x, T* y, int64_t r, int64_t c, const float* a, const float* b, bool act) {     \
-    act ? affine_rows_impl<T, true>(x, y, r, c, a, b) : affine_rows_impl<T, false>(x, y, r, c, a, b);           \
+  ATTR void affine_rows(const T* x, T* y, int64_t r, int64_t c, const float* a, const float* b, bool act,       \
+                        float* buf, int64_t rpb) {                                                              \
+    act ? affine_rows_impl<T, true>(x, y, r, c, a, b, buf, rpb)                                                 \
+        : affine_rows_impl<T, false>(x, y, r, c, a, b, buf, rpb);                                               \
   }                                                                                                             \
   template <typename T>                                                                                         \
   ATTR void bwd_row(const T* x, const T* dy, float* du, int64_t n, float m, float r, float w, float b, float s1, \
                     float sh, bool act, double* sums) {                                                         \
-    act ? bwd_row_impl<T, true>(x, dy, du, n, m, r, w, b, s1, sh, sums)                                        \
-        : bwd_row_impl<T, false>(x, dy, du, n, m, r, w, b, s1, sh, sums);                                      \
+    act ? bwd_row_impl<T, true>(x, dy, du, n, m, r, w, b, s1, sh, sums)                                         \
+        : bwd_row_impl<T, false>(x, dy, du, n, m, r, w, b, s1, sh, sums);                                       \
   }                                                                                                             \
   template <typename T>                                                                                         \
-  ATTR void bwd_rows(const T* x, const T* dy, float* du, int64_t r, int64_t c, BwdParams p, bool act,          \
+  ATTR void bwd_rows(const T* x, const T* dy, float* du, int64_t r, int64_t c, BwdParams p, bool act,           \
                      float* a0, float* a1, float* a2, float* a3) {                                              \
-    act ? bwd_rows_impl<T, true>(x, dy, du, r, c, p, a0, a1, a2, a3)                                           \
-        : bwd_rows_impl<T, false>(x, dy, du, r, c, p, a0, a1, a2, a3);                                         \
+    act ? bwd_rows_impl<T, true>(x, dy, du, r, c, p, a0, a1, a2, a3)                                            \
+        : bwd_rows_impl<T, false>(x, dy, du, r, c, p, a0, a1, a2, a3);                                          \
   }                                                                                                             \
   template <typename T>                                                                                         \
   ATTR void dx_row(const T* x, const float* du, T* dx, int64_t n, float m, float r, float w, float m1,          \
@@ -413,21 +454,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x,
           }
         }
       });
-    } else {  // channels-last: example n is HW rows of C channels
+    } else {  // channels-last: example n is HW rows of C channels, in blocks of rpb rows
       at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> acc(C), mvec(C), a(C), bb(C);
+        const int64_t rpb = rows_per_block(C), L = rpb * C;
+        std::vector<float> acc(L), mvec(L), a(L), bb(L), buf(L);
         for (int64_t n = begin; n < end; ++n) {
           const scalar_t* xn = xp + n * HW * C;
           std::fill(acc.begin(), acc.end(), 0.f);
-          K.add_rows(xn, HW, C, acc.data());
+          K.add_rows(xn, HW, C, acc.data(), rpb);
+          fold_rows(acc, C, rpb);
           for (int64_t g = 0; g < groups; ++g) {
             double s = 0;
             for (int64_t cc = 0; cc < CG; ++cc) s += acc[g * CG + cc];
             mp[n * groups + g] = static_cast<float>(s / count);
             for (int64_t cc = 0; cc < CG; ++cc) mvec[g * CG + cc] = mp[n * groups + g];
           }
+          repeat_rows(mvec, C, rpb);
           std::fill(acc.begin(), acc.end(), 0.f);
-          K.add_sq_rows(xn, HW, C, mvec.data(), acc.data());
+          K.add_sq_rows(xn, HW, C, mvec.data(), acc.data(), rpb);
+          fold_rows(acc, C, rpb);
           for (int64_t g = 0; g < groups; ++g) {
             double q = 0;
             for (int64_t cc = 0; cc < CG; ++cc) q += acc[g * CG + cc];
@@ -439,7 +484,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd_cpu(const at::Tensor& x,
               bb[c] = (bp[c] - mvec[c] * r * wp[c]) * sp[n * C + c] + hp[n * C + c];
             }
           }
-          K.affine_rows(xn, yp + n * HW * C, HW, C, a.data(), bb.data(), act);
+          repeat_rows(a, C, rpb);
+          repeat_rows(bb, C, rpb);
+          K.affine_rows(xn, yp + n * HW * C, HW, C, a.data(), bb.data(), act, buf.data(), rpb);
         }
       });
     }
