@@ -40,7 +40,7 @@ class FeatureNetConfig:
 class FeatureNet(nn.Module):
     """conv-BN-ReLU, pool, conv-BN-ReLU, pool, conv-BN-ReLU, adaptive pool 4x4, FC(feature_dim), FC(K).
 
-    Small on purpose: it trains in seconds on a CPU and reaches ~98% on the digits test split."""
+    Small on purpose: it trains in seconds on a CPU and reaches ~96% on the digits test split (95.7% measured; README)."""
 
     def __init__(self, cfg: FeatureNetConfig):
         super().__init__()
