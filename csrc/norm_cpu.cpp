@@ -146,9 +146,9 @@ JDM_INLINE void affine_impl(const T* __restrict x, T* __restrict y, int64_t n, f
 template <typename T, bool ACT>
 JDM_INLINE void affine_rows_impl(const T* __restrict x, T* __restrict y, int64_t rows, int64_t c,
                                  const float* __restrict a, const float* __restrict b, float* __restrict buf,
-                                 int64_t rows_per_block) {
-  for (int64_t r = 0; r < rows; r += rows_per_block) {
-    const int64_t n = std::min(rows_per_block, rows - r) * c;
+                                 int64_t rpb) {
+  for (int64_t r = 0; r < rows; r += rpb) {
+    const int64_t n = std::min(rpb, rows - r) * c;
     const T* __restrict xr = x + r * c;
     T* __restrict yr = y + r * c;
     if constexpr (std::is_same_v<T, float>) {

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from jdm_fast.data.images import to_uint8
-from jdm_fast.generation import SampleSettings, balanced_labels, generate, load_joint_model
+from jdm_fast.generation import SampleSettings, balanced_labels, default_head_input, generate, load_joint_model
 from jdm_fast.generation.loading import file_kind
 from jdm_fast.metrics import (
     FEATURE_CLASSIFIER_NAME,
@@ -236,8 +236,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             num = args.num if mode == "uncond" else cond_num
             labels = None if mode == "uncond" else balanced_labels(num, k)
             t0 = time.perf_counter()
-            # guided reads the head on x_t where it was trained there, as python -m jdm_fast.sample does
-            s = dataclasses.replace(settings, head_input="xt") if mode == "guided" and noise_aware else settings
+            # the head input python -m jdm_fast.sample defaults to (x_t for guided on a noise-aware head)
+            s = dataclasses.replace(settings, head_input=default_head_input(mode, noise_aware))
             x = generate(lm.model, mode, num, labels, s, torch.Generator(device=device).manual_seed(args.seed),
                          device, augment=lm.augment)
             seconds = time.perf_counter() - t0

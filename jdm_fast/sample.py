@@ -53,6 +53,7 @@ from jdm_fast.generation import (
     balanced_labels,
     check_class,
     counterfactuals,
+    default_head_input,
     generate,
     guides,
     head_probabilities,
@@ -215,8 +216,7 @@ def resolve_defaults(args: argparse.Namespace, noise_aware: bool) -> None:
     if args.steer is None:
         args.steer = "guided" if args.mode == "counterfactual" and noise_aware else "cond"
     if args.head_input is None:
-        guided = args.mode == "guided" or (args.mode == "counterfactual" and args.steer == "guided")
-        args.head_input = "xt" if guided and noise_aware else "x0"
+        args.head_input = default_head_input(args.mode, noise_aware, args.steer)
     literal = args.authors_variant or (args.head_input == "xt" and not noise_aware)
     if args.purify is None:
         args.purify = DEFAULTS.purify if args.mode in ("cond", "guided") and not literal else 0.0
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     amp, why = amp_dtype(args.amp, device)
     steering = ""
     if args.mode != "uncond":
-        how = "guidance" if guides(args.mode, _settings(args, steps, sampler, 0.0)) else "representation steps"
+        how = "guidance" if guides(args.mode, args.steer) else "representation steps"
         on_xt = args.head_input == "xt" or args.authors_variant
         steering = f" | {how}, head on {'x_t' if on_xt else 'x0_hat(x_t) at t = 0'}"
     log(f"{lm.path} (step {lm.step}, {lm.weights} weights) | mode {args.mode}{steering} | {sampler} "

@@ -581,7 +581,6 @@ def test_load_model_refuses_other_files_naming_them(trained_run, tmp_path):
         load_joint_model(tmp_path / "missing.pt")
 
 
-
 def test_evaluate_generates_guided_samples_on_a_noise_aware_head(trained_run, tmp_path):
     """evaluate's default sample sets: uncond and, on a head also trained on x_t, guided (the head
     on x_t, as python -m jdm_fast.sample --mode guided); --modes picks others."""

@@ -87,10 +87,16 @@ class SampleSettings:
             raise ValueError(f"amp must be None or one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
 
 
-def guides(mode: str, settings: SampleSettings) -> bool:
+def guides(mode: str, steer: str = "cond") -> bool:
     """Whether a run of ``mode`` steers by pixel-space classifier guidance (mode guided, and
-    counterfactuals with ``steer="guided"``) rather than by representation steps."""
-    return mode == "guided" or (mode == "counterfactual" and settings.steer == "guided")
+    counterfactuals with ``steer="guided"``, SampleSettings.steer) rather than by representation steps."""
+    return mode == "guided" or (mode == "counterfactual" and steer == "guided")
+
+
+def default_head_input(mode: str, noise_aware: bool, steer: str = "cond") -> str:
+    """What the head reads by default: x_t's own features for guidance by a head also trained on
+    x_t (``JointConfig.noise_aware_head``), else x0_hat(x_t) at t = 0 (HEAD_INPUTS)."""
+    return "xt" if noise_aware and guides(mode, steer) else "x0"
 
 
 def sampler_for(mode: str, settings: SampleSettings) -> str:
@@ -103,7 +109,7 @@ def sampler_for(mode: str, settings: SampleSettings) -> str:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if settings.sampler:
         return settings.sampler
-    return "ancestral" if guides(mode, settings) and settings.head_input == "xt" else DEFAULT_SAMPLER[mode]
+    return "ancestral" if guides(mode, settings.steer) and settings.head_input == "xt" else DEFAULT_SAMPLER[mode]
 
 
 def _reverse_config(mode: str, settings: SampleSettings, num_timesteps: int, t_start: float = 1.0) -> ReverseConfig:
@@ -142,7 +148,7 @@ def _eps_fn(model: JointDiffusion, mode: str, y: torch.Tensor | None, s: SampleS
         head = AuthorsTimeHead(model.head).to(y.device) if s.authors else None
         return representation_eps(model, y, s.alpha, head_input=s.head_input, authors=s.authors, authors_head=head,
                                   normalize=s.normalize, inner_steps=s.inner_steps, t_min=s.t_min, views=views)
-    if guides(mode, s):
+    if guides(mode, s.steer):
         return guidance_eps(model, y, s.guidance_scale, config, head_input=s.head_input, t_min=s.t_min, views=views)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 

@@ -285,17 +285,17 @@ class JointDiffusion(nn.Module):
         if objective == "diffusion":
             zero = torch.zeros((), dtype=torch.long, device=x0.device)
             return JointLoss(diffusion_loss, diffusion_loss, torch.zeros_like(diffusion_loss), zero, zero)
+        both = self.config.classifier_input == "both"
         feats = self.unet.features(cls_enc)
-        if self.config.classifier_input == "both":
+        if both:
             # One head call on [x0 features ; x_t features] (its BatchNorm's batch statistics and
             # running averages cover both, as at evaluation), the same dropout masks for both halves.
             feats = torch.cat([feats, self.unet.features(enc)])
             masks = None if masks is None else [None if m is None else torch.cat([m, m]) for m in masks]
         logits = self.head(feats, masks)
-        logits, logits_t = (logits.split(b) if self.config.classifier_input == "both" else (logits, None))
-        cls_loss, correct, labelled = self.classifier_loss(logits, y, labelled_total, scale)
-        if logits_t is not None:  # + the CE of the head on x_t's features at t
-            cls_loss = cls_loss + self.classifier_loss(logits_t, y, labelled_total, scale)[0]
+        cls_loss, correct, labelled = self.classifier_loss(logits[:b], y, labelled_total, scale)
+        if both:  # + the CE of the head on x_t's features at t
+            cls_loss = cls_loss + self.classifier_loss(logits[b:], y, labelled_total, scale)[0]
         total = diffusion_loss + self.config.classifier_weight * cls_loss
         return JointLoss(total, diffusion_loss, cls_loss, correct, labelled)
 
