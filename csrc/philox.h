@@ -43,11 +43,14 @@ JDM_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-// Philox4x32 with 10 rounds (Salmon et al., SC'11; Random123's philox4x32_10).
+// Philox4x32 with 10 rounds (Salmon et al., SC'11; Random123's philox4x32_10): multipliers and
+// Weyl key increments (also read by the AVX-512 counter_uniform in noise_ops.cpp).
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
 JDM_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                              uint32_t k1) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  constexpr uint32_t kM0 = kPhiloxM0, kM1 = kPhiloxM1, kW0 = kPhiloxW0, kW1 = kPhiloxW1;
 JDM_UNROLL
   for (int r = 0; r < 10; ++r) {
     if (r > 0) {
@@ -102,6 +105,8 @@ JDM_HD int64_t counter_timestep(uint64_t seed, uint64_t g, uint64_t T) {
   return static_cast<int64_t>(((static_cast<uint64_t>(r.x[0]) << 32) | r.x[1]) % T);
 }
 
+constexpr float kUniform24 = 5.9604644775390625e-08f;  // 2^-24: the top 24 bits of a word as [0, 1)
+
 // Uniforms (float32 in [0, 1), multiples of 2^-24) of row g, columns 4q .. 4q + 3, for `tag`:
 // lane k of Philox at counter (g, tag, q), top 24 bits.
 JDM_HD void counter_uniform4(uint64_t seed, uint64_t g, uint32_t tag, uint32_t q, float out[4]) {
@@ -109,7 +114,7 @@ JDM_HD void counter_uniform4(uint64_t seed, uint64_t g, uint32_t tag, uint32_t q
                                   q, static_cast<uint32_t>(seed),
                                   static_cast<uint32_t>(seed >> 32));
 JDM_UNROLL
-  for (int k = 0; k < 4; ++k) out[k] = static_cast<float>(r.x[k] >> 8) * 5.9604644775390625e-08f;
+  for (int k = 0; k < 4; ++k) out[k] = static_cast<float>(r.x[k] >> 8) * kUniform24;
 }
 
 }  // namespace jdm_fast
