@@ -14,14 +14,14 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define JDM_UNIFORM_X16 1  // the AVX-512 path of counter_uniform (picked at run time)
-#endif
-
+#include "cpu_isa.h"
 #include "noise_common.h"
 #include "philox.h"
 #include "step_rules.h"
+
+#ifdef JDM_X86_DISPATCH
+#include <immintrin.h>
+#endif
 
 namespace jdm_fast {
 namespace {
@@ -177,10 +177,10 @@ at::Tensor counter_timesteps_cpu(const at::Tensor& first_example, int64_t seed, 
 // out[4 l + k] = lane k of block q0 + l): Philox's rounds on 16 counters in AVX-512 registers,
 // the 32 x 32 -> 64-bit products of even and odd lanes by vpmuludq, the four result words
 // transposed to column order in registers. Bit-identical to counter_uniform4 (tests compare
-// both with the NumPy reference); used when the CPU has AVX-512F, else the scalar loop.
+// both with the NumPy reference); used where cpu_isa() is AVX-512 (cpu_isa.h), else the scalar loop.
 constexpr int64_t kUniformSpan = 64;
 
-#ifdef JDM_UNIFORM_X16
+#ifdef JDM_X86_DISPATCH
 
 __attribute__((target("avx512f"))) inline __m512i mulhilo16(__m512i a, __m512i m, __m512i* hi) {
   const __m512i even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
@@ -234,22 +234,10 @@ __attribute__((target("avx512f"))) void counter_uniform_x16(uint64_t g, uint32_t
 }
 #endif
 
-bool has_avx512f() {
-#ifdef JDM_UNIFORM_X16
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
-
 // Columns [j0, j0 + cols) of row g (j0 a multiple of 4).
 void counter_uniform_span(uint64_t seed, uint64_t g, uint32_t tag, int64_t j0, int64_t cols, float* dst) {
-#ifdef JDM_UNIFORM_X16
-  if (has_avx512f()) {
+#ifdef JDM_X86_DISPATCH
+  if (cpu_isa() == Isa::kAvx512) {
     float tail[kUniformSpan];
     counter_uniform_x16(g, tag, static_cast<uint32_t>(j0 / 4), seed, cols == kUniformSpan ? dst : tail);
     if (cols < kUniformSpan) std::copy(tail, tail + cols, dst);

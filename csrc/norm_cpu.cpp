@@ -17,8 +17,9 @@
 //   dx = rstd (w du - mean_g(w du) - xhat mean_g(w du xhat))
 //
 // The hot loops are plain float loops that the compiler vectorizes; on x86-64 they are compiled
-// for AVX-512, AVX2 + FMA and the baseline and picked at the first call by what the CPU reports,
-// so the extension still runs on any x86-64 CPU. SiLU uses a polynomial exp (relative error < 2e-7).
+// for AVX-512, AVX2 + FMA and the baseline and picked at the first call by what the CPU reports
+// (or JDM_FAST_CPU_ISA: cpu_isa.h), so the extension still runs on any x86-64 CPU. SiLU uses a
+// polynomial exp (relative error < 2e-7).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,8 +28,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_isa.h"
 
 #if defined(__GNUC__)
 #define JDM_INLINE __attribute__((always_inline)) inline
@@ -278,7 +282,7 @@ inline void fold_rows(std::vector<float>& v, int64_t c, int64_t rpb) {
 }
 
 // The hot loops compiled three times, for AVX-512, AVX2 + FMA and the baseline, and picked once at
-// the first call by what the CPU reports (x86-64 with GCC/Clang; elsewhere the baseline only).
+// the first call by cpu_isa() (x86-64 with GCC/Clang; elsewhere the baseline only).
 template <typename T>
 struct Kernels {
   void (*sum)(const T*, int64_t, double*);
@@ -350,27 +354,10 @@ struct Kernels {
   }
 
 JDM_KERNEL_SET(baseline, )
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define JDM_X86_DISPATCH 1
+#ifdef JDM_X86_DISPATCH
 JDM_KERNEL_SET(avx2, __attribute__((target("avx2,fma"))))
 JDM_KERNEL_SET(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))))
 #endif
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#ifdef JDM_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
 
 template <typename T>
 const Kernels<T>& kernels() {
@@ -617,6 +604,8 @@ TORCH_LIBRARY_FRAGMENT(jdm_fast, m) {
   m.def(
       "group_norm_silu_cpu_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
       "Tensor? shift, Tensor mean, Tensor rstd, int num_groups, bool act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the ISA the C++ CPU kernels run (cpu_isa.h): "avx512", "avx2" or "baseline"
+  m.def("cpu_kernel_isa() -> str", [] { return std::string(isa_name(cpu_isa())); });
 }
 
 TORCH_LIBRARY_IMPL(jdm_fast, CPU, m) {
