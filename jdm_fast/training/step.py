@@ -56,9 +56,33 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     # One fused kernel per parameter group: on a 2-core CPU 20 ms per step for 60M parameters
     # against 136 ms for the foreach / for-loop implementations (each a pass per operation).
     fused = device.type in ("cuda", "cpu")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None,
-                            foreach=None if fused else True)
+    cls = _DenseViewAdamW if device.type == "cpu" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None,
+              foreach=None if fused else True)
     return opt, "AdamW (fused)" if fused else "AdamW (foreach)"
+
+
+def _channels_last_4d(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+class _DenseViewAdamW(torch.optim.AdamW):
+    """AdamW whose fused CPU kernel gets each channels-last 4-D parameter, with its gradient and
+    moments when they share that layout, as ``permute(0, 2, 3, 1)``: a contiguous view of the same
+    memory. The kernel copies non-contiguous tensors to contiguous ones and back: the CIFAR
+    preset's 68 conv weights cost its step 60.7 ms instead of 38.8 (2-core Xeon). The update is
+    elementwise and in place, so parameters, state and checkpoints are those of AdamW."""
+
+    def _init_group(self, group, *args):
+        out = super()._init_group(group, *args)
+        params = args[0]  # then grads, moments, steps: lists in step with params (amsgrad's when used)
+        lists = [a for a in args if isinstance(a, list) and len(a) == len(params)]
+        for i, p in enumerate(params):
+            if _channels_last_4d(p) and all(_channels_last_4d(lst[i]) for lst in lists if lst[i].dim() > 0):
+                for lst in lists:
+                    if lst[i].dim() == 4:
+                        lst[i] = lst[i].permute(0, 2, 3, 1)
+        return out
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
