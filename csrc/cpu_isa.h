@@ -1,7 +1,7 @@
 // The x86 vector ISA of the CPU kernels of jdm_fast._C (GroupNorm+SiLU, counter_uniform): the best
 // the CPU reports, or a lower one named by JDM_FAST_CPU_ISA=avx512|avx2|baseline, read once at the
 // first kernel call. The override lets an AVX-512 machine run, test and time the AVX2 and baseline
-// builds of the kernels (tests/test_group_norm_cpu.py runs each). No torch headers beyond c10's
+// builds of the kernels (tests/test_cpu_isa.py runs each). No torch headers beyond c10's
 // checks; not included by nvcc-compiled code.
 #pragma once
 
@@ -40,17 +40,17 @@ inline Isa cpu_isa() {
     const char* env = std::getenv("JDM_FAST_CPU_ISA");
     if (env == nullptr || *env == '\0') return best;
     const std::string want(env);
-    Isa isa = Isa::kBaseline;
+    Isa chosen = Isa::kBaseline;
     if (want == "avx512") {
-      isa = Isa::kAvx512;
+      chosen = Isa::kAvx512;
     } else if (want == "avx2") {
-      isa = Isa::kAvx2;
+      chosen = Isa::kAvx2;
     } else {
       TORCH_CHECK_VALUE(want == "baseline", "JDM_FAST_CPU_ISA must be avx512, avx2 or baseline, got '", want, "'");
     }
-    TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(best), "JDM_FAST_CPU_ISA=", want,
+    TORCH_CHECK_VALUE(static_cast<int>(chosen) <= static_cast<int>(best), "JDM_FAST_CPU_ISA=", want,
                       ": this CPU supports at most ", isa_name(best));
-    return isa;
+    return chosen;
   }();
   return isa;
 }
