@@ -85,8 +85,9 @@ def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """``x.float().mean(dim=(2, 3))`` of a (N, C, H, W) tensor, accumulated in float32 without a float32
-    copy of ``x``; the gradient of ``x`` is dense in ``x``'s layout and dtype."""
+    """``x.float().mean(dim=(2, 3))`` of a (N, C, H, W) tensor, accumulated in float32 (on CUDA without
+    a float32 copy of ``x``; ATen's CPU reduction still casts the input first, ~4.5 ms of the digits
+    step on a 2-core Xeon); the gradient of ``x`` is dense in ``x``'s layout and dtype."""
     if x.dim() != 4:
         raise ValueError(f"spatial_mean: x must be (N, C, H, W), got shape {tuple(x.shape)}")
     return _SpatialMean.apply(x)
