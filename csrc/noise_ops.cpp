@@ -234,10 +234,10 @@ __attribute__((target("avx512f"))) void counter_uniform_x16(uint64_t g, uint32_t
 }
 #endif
 
-// Columns [j0, j0 + cols) of row g (j0 a multiple of 4).
-void counter_uniform_span(uint64_t seed, uint64_t g, uint32_t tag, int64_t j0, int64_t cols, float* dst) {
+// Columns [j0, j0 + cols) of row g (j0 a multiple of 4); x16: the AVX-512 path.
+void counter_uniform_span(uint64_t seed, uint64_t g, uint32_t tag, int64_t j0, int64_t cols, float* dst, bool x16) {
 #ifdef JDM_X86_DISPATCH
-  if (cpu_isa() == Isa::kAvx512) {
+  if (x16) {
     float tail[kUniformSpan];
     counter_uniform_x16(g, tag, static_cast<uint32_t>(j0 / 4), seed, cols == kUniformSpan ? dst : tail);
     if (cols < kUniformSpan) std::copy(tail, tail + cols, dst);
@@ -260,13 +260,14 @@ at::Tensor counter_uniform_cpu(const at::Tensor& first_example, int64_t seed, in
   auto out = at::empty({n, width}, first_example.options().dtype(at::kFloat));
   float* op_ = out.data_ptr<float>();
   const uint64_t useed = static_cast<uint64_t>(seed);
+  const bool x16 = cpu_isa() == Isa::kAvx512;  // chosen once, on this thread (a bad JDM_FAST_CPU_ISA raises here)
   const int64_t spans = (width + kUniformSpan - 1) / kUniformSpan;
   // one task per (row, 64 columns): rows alone would leave threads idle (a batch of 8 rows)
   at::parallel_for(0, n * spans, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / spans, j0 = (t % spans) * kUniformSpan;
       counter_uniform_span(useed, first + static_cast<uint64_t>(i), static_cast<uint32_t>(tag), j0,
-                           std::min(kUniformSpan, width - j0), op_ + i * width + j0);
+                           std::min(kUniformSpan, width - j0), op_ + i * width + j0, x16);
     }
   });
   return out;

@@ -50,16 +50,15 @@ constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
 JDM_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                              uint32_t k1) {
-  constexpr uint32_t kM0 = kPhiloxM0, kM1 = kPhiloxM1, kW0 = kPhiloxW0, kW1 = kPhiloxW1;
 JDM_UNROLL
   for (int r = 0; r < 10; ++r) {
     if (r > 0) {
-      k0 += kW0;
-      k1 += kW1;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
     }
     uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
+    const uint32_t lo0 = mulhilo32(kPhiloxM0, c0, &hi0);
+    const uint32_t lo1 = mulhilo32(kPhiloxM1, c2, &hi1);
     const uint32_t n0 = hi1 ^ c1 ^ k0;
     const uint32_t n2 = hi0 ^ c3 ^ k1;
     c0 = n0;

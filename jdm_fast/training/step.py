@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from jdm_fast.models.joint import BatchKey
+from jdm_fast.ops.norm import memory_format_of
 from jdm_fast.training.config import COMPILE_MODES
 from jdm_fast.training.distributed import Dist
 from jdm_fast.training.ema import EMA
@@ -62,10 +63,6 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return opt, "AdamW (fused)" if fused else "AdamW (foreach)"
 
 
-def _channels_last_4d(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 class _DenseViewAdamW(torch.optim.AdamW):
     """AdamW whose fused CPU kernel gets each channels-last 4-D parameter, with its gradient and
     moments when they share that layout, as ``permute(0, 2, 3, 1)``: a contiguous view of the same
@@ -79,7 +76,7 @@ class _DenseViewAdamW(torch.optim.AdamW):
         params = args[0]  # then grads, moments, steps: lists in step with params (amsgrad's when used)
         lists = [a for a in args if isinstance(a, list) and len(a) == len(params)]
         for i, p in enumerate(params):
-            if _channels_last_4d(p) and all(_channels_last_4d(lst[i]) for lst in lists if lst[i].dim() > 0):
+            if all(memory_format_of(lst[i]) == torch.channels_last for lst in lists if lst[i].dim() > 0):
                 for lst in lists:
                     if lst[i].dim() == 4:
                         lst[i] = lst[i].permute(0, 2, 3, 1)
