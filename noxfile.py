@@ -9,8 +9,10 @@ Sessions (each in its own virtual environment, on a copy of the tree, CPU only):
 
 Each session builds jdm_fast._C (CPU kernels: the CUDA toolkit here is 13.0, older torch builds
 reject it) and runs the Triton interpreter parity tests, the sm_80 / sm_90 ahead-of-time compiles
-and static resources, the op tests, and a 20-step CPU training smoke run on a generated
-class-folder dataset. NumPy is held below 2.4 where the Triton interpreter still converts
+and static resources, the op tests (with every op's fake kernel against its real one), the
+compiled CUDA training step rehearsed on fake CUDA tensors (benchmarks/cuda_rehearsal.py: Dynamo,
+AOTAutograd and Inductor down to sm_90 kernels, ~3-4 minutes), and a 20-step CPU training smoke
+run on a generated class-folder dataset. NumPy is held below 2.4 where the Triton interpreter still converts
 one-element arrays with int(), which NumPy 2.4 refuses (Triton <= 3.6).
 
 Needs python3.11 and python3.12 on PATH (with pyenv: PATH=$(pyenv root)/versions/3.12.1/bin:...).
@@ -32,7 +34,8 @@ TESTS = {
     "interpreter parity": ["tests/kernels/", "-k", "not aot and not resources and not occupancy"],
     "AOT compiles": ["tests/kernels/", "-k", "aot"],
     "ops": ["tests/test_noise_ops.py", "tests/test_group_norm_op.py", "tests/test_attention_op.py",
-            "tests/test_group_norm_cpu.py", "tests/test_step.py"],
+            "tests/test_group_norm_cpu.py", "tests/test_step.py", "tests/test_fake_kernels.py"],
+    "compiled CUDA step rehearsal": ["tests/test_cuda_rehearsal.py"],
 }
 SMOKE = """
 import numpy as np, pathlib, sys

@@ -122,8 +122,8 @@ class TrainStep:
     def __init__(self, model: nn.Module, *, precision: Precision, lr: float, weight_decay: float = 0.0,
                  optimizer: str = "adamw", warmup_steps: int = 0, grad_clip: float | None = None,
                  ema_decay: float | None = None, compile: bool = False, compile_mode: str = "default",
-                 dist: Dist | None = None, seed: int = 0, global_batch: int | None = None, keyed: bool = True,
-                 channels_last: bool = False):
+                 compile_backend="inductor", fullgraph: bool = False, dist: Dist | None = None, seed: int = 0,
+                 global_batch: int | None = None, keyed: bool = True, channels_last: bool = False):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         if grad_clip is not None and not grad_clip > 0:
@@ -132,8 +132,9 @@ class TrainStep:
         self.device = next(model.parameters()).device
         self.retains_memory = self.device.type == "cpu" and retain_cpu_memory()
         self.channels_last = channels_last
-        if channels_last:  # every 4-D weight (and so every feature map) channels-last; values unchanged
-            model.to(memory_format=torch.channels_last)
+        if channels_last and not all(p.is_contiguous(memory_format=torch.channels_last)
+                                     for p in model.parameters() if p.dim() == 4):
+            model.to(memory_format=torch.channels_last)  # every 4-D weight (so every feature map); values unchanged
         self.precision = precision
         self.grad_clip = grad_clip
         self.dist = dist or Dist()
@@ -154,17 +155,23 @@ class TrainStep:
         if compile:
             # dynamic=False: a training step has one shape; a recompile must never turn the graph
             # symbolic (slower code, and torch 2.11's Inductor crashed on our Triton ops there).
-            forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+            # compile_backend: Inductor; benchmarks/cuda_rehearsal.py passes Inductor wrapped to stop
+            # before anything would launch (it traces the CUDA step on a machine without a GPU), with
+            # fullgraph=True (a graph break is an error there, a slower step here).
+            forward = torch.compile(forward, backend=compile_backend, fullgraph=fullgraph,
+                                    mode=None if compile_mode == "default" else compile_mode, dynamic=False)
         self.forward = forward
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module, precision: Precision, *, compile: bool, dist: Dist | None = None,
-                    keyed: bool = True, channels_last: bool = False) -> "TrainStep":
+                    keyed: bool = True, channels_last: bool = False, compile_backend="inductor",
+                    fullgraph: bool = False) -> "TrainStep":
         """The step a ``TrainConfig`` describes (optimizer, LR warm-up, clipping, EMA, seed, batch)."""
         return cls(model, precision=precision, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                    warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay,
-                   compile=compile, compile_mode=cfg.compile_mode, dist=dist, seed=cfg.seed,
-                   global_batch=cfg.batch_size, keyed=keyed, channels_last=channels_last)
+                   compile=compile, compile_mode=cfg.compile_mode, compile_backend=compile_backend,
+                   fullgraph=fullgraph, dist=dist, seed=cfg.seed, global_batch=cfg.batch_size, keyed=keyed,
+                   channels_last=channels_last)
 
     def describe(self) -> str:
         compiled = f"torch.compile mode {self.compile_mode}" if self.compiled else "eager"
