@@ -126,13 +126,26 @@ class _Recorder:
         return make_boxed_func(runnable.forward)
 
 
+def _existing(config, **settings) -> dict:
+    """The settings this torch's config module has (older versions lack some; their defaults
+    there are what the setting asks for: a backward compiled at once, no donated buffers)."""
+    return {k: v for k, v in settings.items() if hasattr(config, k)}
+
+
 def _fake_batch(preset: str, batch: int, mode):
     import train_bench as tb
 
-    x, y = tb.synthetic_batch(preset, batch, torch.device("cpu"))
-    x, y = mode.from_tensor(x), mode.from_tensor(y)
-    with mode:
-        return x.to("cuda").contiguous(memory_format=torch.channels_last), y.to("cuda")
+    x, y = tb.synthetic_batch(preset, batch, torch.device("cpu"))  # the shapes and dtypes gpu_check times
+    x = x.contiguous(memory_format=torch.channels_last)
+    return fake_cuda.fake_cuda_like(x, mode), fake_cuda.fake_cuda_like(y, mode)
+
+
+def supported() -> str | None:
+    """None where this torch can trace fake CUDA tensors without a CUDA driver, else why not."""
+    if not hasattr(torch._C, "_ensureCUDADeviceGuardSet"):
+        return (f"torch {torch.__version__} initialises the CUDA device for fake CUDA tensors (no "
+                "torch._C._ensureCUDADeviceGuardSet): the rehearsal needs a newer torch (2.11, 2.14 checked)")
+    return fake_cuda.missing_triton()
 
 
 def rehearse(preset: str = "cifar10", batch: int = 256, steps: int = 3) -> dict:
@@ -158,7 +171,8 @@ def rehearse(preset: str = "cifar10", batch: int = 256, steps: int = 3) -> dict:
     t_start = time.perf_counter()
     with fake_cuda.fake_cuda() as mode, torch._dynamo.config.patch(error_on_recompile=True), \
             torch._inductor.config.patch(compile_threads=1, force_disable_caches=True), \
-            torch._functorch.config.patch(force_non_lazy_backward_lowering=True, donated_buffer=False):
+            torch._functorch.config.patch(_existing(torch._functorch.config, force_non_lazy_backward_lowering=True,
+                                                    donated_buffer=False)):
         fake_cuda.to_fake_cuda(model, mode)
         precision = Precision(torch.bfloat16, False, "bf16 autocast (rehearsal)")
         trainer = TrainStep.from_config(cfg, model, precision, compile=True, channels_last=True,
@@ -219,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     args = p.parse_args(argv)
+    why_not = supported()
+    if why_not:
+        print(f"cuda_rehearsal: cannot run here: {why_not}", file=sys.stderr)
+        return 2
     report = rehearse(args.preset, args.batch, args.steps)
     print(summary(report), flush=True)
     if args.out:

@@ -34,7 +34,7 @@ from unittest import mock
 
 import torch
 from torch.autograd.function import BackwardCFunction
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 # What Inductor reads of a CUDA device (torch.cuda.get_device_properties fields), as an H100 SXM
 # reports them; the H200 differs only in memory size and bandwidth, which Inductor does not read.
@@ -45,6 +45,16 @@ H100_PROPERTIES = types.SimpleNamespace(
     shared_memory_per_multiprocessor=233472, shared_memory_per_block=49152, gcnArchName="", uuid="fake",
     is_integrated=False, is_multi_gpu_board=False, clock_rate=1980000, memory_clock_rate=2619000,
     memory_bus_width=5120, pci_bus_id=0, pci_device_id=0, pci_domain_id=0)
+
+
+def missing_triton() -> str | None:
+    """None where Triton (with its CUDA backend) is installed, else what is missing."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.runtime import driver  # noqa: F401
+    except ImportError as e:
+        return f"triton with its CUDA backend is needed ({e})"
+    return None
 
 
 class StubTritonDriver:
@@ -85,13 +95,14 @@ def stub_triton_driver(arch: int = 90) -> Iterator[StubTritonDriver]:
     from torch._inductor.runtime import triton_helpers
 
     stub = StubTritonDriver(arch)
-    previous = driver._active
+    slot = "_active" if "_active" in vars(driver) else "active"  # Triton >= 3.4 / 3.3: without creating one
+    previous = vars(driver)[slot]
     driver.set_active(stub)
     try:  # Inductor's compiled kernels would make the CUDA driver active: keep the stub
         with mock.patch.object(triton_helpers, "set_driver_to_gpu", lambda: None):
             yield stub
     finally:
-        driver._active = previous
+        setattr(driver, slot, previous)
 
 
 @contextlib.contextmanager
@@ -109,7 +120,9 @@ def pretend_sm90(properties=H100_PROPERTIES) -> Iterator[None]:
         return properties
 
     with contextlib.ExitStack() as stack:
-        patch = stack.enter_context
+        def patch(p):  # an attribute this torch does not have (older versions) needs no patch
+            if hasattr(p.getter(), p.attribute):
+                stack.enter_context(p)
         # torch.autocast("cuda") and GradScaler("cuda") disable themselves where CUDA is unavailable
         patch(mock.patch.object(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False))
         for where in (torch.cuda, CudaInterface):  # sm_90 computes bf16 natively
@@ -125,16 +138,19 @@ def pretend_sm90(properties=H100_PROPERTIES) -> Iterator[None]:
         yield
 
 
+def fake_cuda_like(t: torch.Tensor, mode: FakeTensorMode) -> torch.Tensor:
+    """A fake CUDA tensor of ``mode`` with ``t``'s shape, strides and dtype (made by a factory:
+    moving a fake tensor to CUDA initialises the device on torch 2.7)."""
+    with mode:
+        return torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="cuda")
+
+
 def to_fake_cuda(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
     """Replace ``module``'s parameters and buffers, and the tensors of plain objects it holds, in
     place, by fake CUDA tensors of ``mode`` with the same shapes, dtypes and strides (a
     channels-last weight stays channels-last)."""
     def fake(t: torch.Tensor) -> torch.Tensor:
-        with unset_fake_temporarily():
-            t = t.detach()
-        t = mode.from_tensor(t)
-        with mode:
-            return t.to("cuda")
+        return fake_cuda_like(t, mode)
 
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
