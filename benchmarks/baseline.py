@@ -52,7 +52,10 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """GroupNorm -> 1x1 qkv -> SDPA -> 1x1 proj -> residual (same parameters as SelfAttention2d)."""
+    """GroupNorm -> 1x1 qkv -> SDPA -> 1x1 proj -> residual (same parameters as SelfAttention2d).
+
+    An NCHW input pays one copy of q, k, v into SDPA's layout; a channels-last input (the
+    ``baseline_strong`` variant of benchmarks/train_bench.py) takes a copy-free path."""
 
     def __init__(self, channels: int, num_heads: int, groups: int):
         super().__init__()
@@ -64,6 +67,8 @@ class Attention(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return x + self._attend_channels_last(x)
         b, c, *spatial = x.shape
         seq = x.reshape(b, c, -1)
         length, h = seq.shape[-1], self.num_heads
@@ -72,6 +77,22 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, length)).reshape(b, c, *spatial)
+
+    def _attend_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's update for a channels-last map, with no copy of q, k, v: in memory a
+        channels-last (B, C, H, W) map is a contiguous (B, L, C) token matrix, so the 1x1 convs are
+        linear layers on a view of it, and q, k, v are (B, H, L, D) views of the (B, L, 3C) qkv
+        projection with a unit head-dim stride (what SDPA's fused kernels read). SDPA's fused
+        kernels write a token-major output, so merging the heads is a view too; the projection comes
+        back as a channels-last view. Same parameters and math as the NCHW path."""
+        b, c, height, width = x.shape
+        heads = self.num_heads
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C), a view when the norm keeps the layout
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # (B, L, 3C): [q | k | v], heads inside
+        q, k, v = (t.unflatten(-1, (heads, c // heads)).transpose(1, 2) for t in qkv.split(c, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)  # (B, L, C)
+        out = F.linear(out, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return out.transpose(1, 2).unflatten(2, (height, width))  # (B, C, H, W), channels-last strides
 
 
 class Block(nn.Module):

@@ -10,18 +10,26 @@ noise with torch's RNG). Variants:
 - ``baseline_fp32``: benchmarks/baseline.py (stock torch modules + SDPA), fp32, eager
 - ``baseline_amp``: + autocast (bf16 where the device has it; what ``--amp`` chooses)
 - ``baseline_amp_compile``: + torch.compile of the model, as the training loop compiles it
+- ``baseline_strong``: the same baseline model as strong as plain PyTorch makes it: autocast,
+  torch.compile, channels-last weights and input batch (its attention then reads q, k, v as views,
+  no copy), ``torch.backends.cudnn.benchmark`` on (CUDA; only while it runs: ``settings``), fused
+  AdamW (``TrainStep``'s optimizer on CUDA). The issue's 1.3x goal compares the engine with it.
 - ``engine``: ``jdm_fast.models.JointDiffusion`` (fused ops), autocast, torch.compile (the
   trainer's CUDA default; uncompiled on CPUs unless --cpu-compile, as the trainer runs it there),
   channels-last (the trainer's default)
+- ``engine_nchw``: the compiled engine in NCHW
 - ``engine_eager`` / ``engine_eager_nchw``: the engine without torch.compile, in the default
   layout / in NCHW (what the layout alone is worth; GPU runs)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
 import platform
+import statistics
+import subprocess
 import time
 
 import torch
@@ -35,9 +43,12 @@ from jdm_fast.training.config import get_preset
 from jdm_fast.training.precision import Precision, choose_precision
 from jdm_fast.training.step import TrainStep
 
-VARIANTS = ("baseline_fp32", "baseline_amp", "baseline_amp_compile", "engine", "engine_eager", "engine_eager_nchw")
+VARIANTS = ("baseline_fp32", "baseline_amp", "baseline_amp_compile", "baseline_strong", "engine", "engine_nchw",
+            "engine_eager", "engine_eager_nchw")
 BASELINE = "baseline_fp32"
-GOAL_BASELINE = "baseline_amp_compile"  # what the issue's 1.3x goal compares the engine with
+GOAL_BASELINE = "baseline_strong"  # what the issue's 1.3x goal compares the engine with
+COMPILE_BASELINE = "baseline_amp_compile"  # the goal's baseline before baseline_strong: still reported
+COMPILED = ("baseline_amp_compile", "baseline_strong", "engine", "engine_nchw")
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor cores, fp32 without tensor cores).
 # Substrings of torch.cuda.get_device_name(), most specific first.
@@ -87,8 +98,29 @@ def is_engine(variant: str) -> bool:
 
 
 def channels_last(variant: str) -> bool:
-    """The engine variants run the trainer's default layout (channels-last), but one."""
-    return is_engine(variant) and variant != "engine_eager_nchw"
+    """The engine variants run the trainer's default layout (channels-last), but the NCHW ones;
+    ``baseline_strong`` runs channels-last too (weights here, the input batch in ``make_step``)."""
+    return (is_engine(variant) and not variant.endswith("_nchw")) or variant == "baseline_strong"
+
+
+def channels_last_input(variant: str) -> bool:
+    """``baseline_strong`` takes its batch channels-last (``make_step``); the engine takes it as the
+    loader gives it (NCHW) and lays it out itself."""
+    return variant == "baseline_strong"
+
+
+@contextlib.contextmanager
+def settings(variant: str, device: torch.device):
+    """Global backend settings a variant runs with, restored on exit: ``baseline_strong`` on CUDA
+    turns on ``torch.backends.cudnn.benchmark`` (cuDNN times its convolution algorithms at each
+    new shape and keeps the fastest); every other variant runs torch's defaults."""
+    before = torch.backends.cudnn.benchmark
+    if variant == "baseline_strong" and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def build(variant: str, preset: str, device: torch.device, seed: int = 0):
@@ -103,7 +135,7 @@ def build(variant: str, preset: str, device: torch.device, seed: int = 0):
     else:
         model = BaselineJoint(cfg.model, diffusion.alphas_cumprod)
     amp = variant != "baseline_fp32"
-    return model.to(device).train(), choose_precision(amp, device), variant in ("baseline_amp_compile", "engine")
+    return model.to(device).train(), choose_precision(amp, device), variant in COMPILED
 
 
 def synthetic_batch(preset: str, batch: int, device: torch.device, seed: int = 0):
@@ -117,15 +149,19 @@ def synthetic_batch(preset: str, batch: int, device: torch.device, seed: int = 0
 
 
 def make_step(model: torch.nn.Module, precision: Precision, compile: bool, preset: str, keyed: bool,
-              compile_mode: str = "default", channels_last: bool = False):
+              compile_mode: str = "default", channels_last: bool = False, channels_last_input: bool = False):
     """A callable ``step(x, y) -> detached total loss`` running the trainer's own ``TrainStep``
     (keyed loss for the engine, optimizer, clipping, scaler, LR schedule, EMA, non-finite flag)
-    with the preset's settings; each call is the next global step."""
+    with the preset's settings; each call is the next global step. ``channels_last_input``: the
+    step takes the batch channels-last (a copy per step unless it already is; ``baseline_strong``:
+    the layout a loader would deliver to a channels-last model)."""
     cfg = dataclasses.replace(get_preset(preset), compile_mode=compile_mode)
     trainer = TrainStep.from_config(cfg, model, precision, compile=compile, keyed=keyed, channels_last=channels_last)
     counter = itertools.count()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if channels_last_input:
+            x = x.contiguous(memory_format=torch.channels_last)
         return trainer(x, y, next(counter)).losses[0].detach()
     step.trainer = trainer
     return step
@@ -155,10 +191,33 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(step, x, y, steps: int, warmup: int, device: torch.device, before_timing=None) -> dict:
-    """Time ``steps`` steps after ``warmup`` (compilation included there): CUDA events on a GPU,
-    perf_counter elsewhere; peak memory of the timed steps. ``before_timing()`` runs between the
-    two (benchmarks/gpu_check waits there until the GPU is free)."""
+def gpu_state(device: torch.device) -> dict:
+    """The GPU's SM clock (MHz) and temperature (C) now: torch.cuda.clock_rate / temperature (they
+    need pynvml), else nvidia-smi; None for both on CPUs or when neither answers."""
+    state = {"sm_clock_mhz": None, "temperature_c": None}
+    if device.type != "cuda":
+        return state
+    try:
+        state = {"sm_clock_mhz": float(torch.cuda.clock_rate(device)),
+                 "temperature_c": float(torch.cuda.temperature(device))}
+    except Exception:  # no pynvml (ModuleNotFoundError), an older torch (AttributeError), NVML errors
+        try:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=clocks.sm,temperature.gpu",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+            clock, temp = out.stdout.strip().splitlines()[0].split(",")
+            state = {"sm_clock_mhz": float(clock), "temperature_c": float(temp)}
+        except Exception:
+            pass
+    return state
+
+
+def measure(step, x, y, steps: int, warmup: int, device: torch.device, before_timing=None, windows: int = 1) -> dict:
+    """Time ``windows`` windows of ``steps`` steps each after ``warmup`` steps (compilation
+    included there): CUDA events on a GPU, perf_counter elsewhere. images/s and ms/step are the
+    median window's; min / max / each window's images/s beside; peak memory of the timed steps;
+    the GPU's SM clock and temperature before the first and after the last window.
+    ``before_timing()`` runs between warm-up and timing (benchmarks/gpu_check waited there)."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = step(x, y)
@@ -166,22 +225,29 @@ def measure(step, x, y, steps: int, warmup: int, device: torch.device, before_ti
     warmup_s = time.perf_counter() - t0
     if before_timing is not None:
         before_timing()
+    gpu_start = gpu_state(device)
+    seconds = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            loss = step(x, y)
-        end.record()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(windows)]
+        for start, end in events:  # back to back: each window's start waits for the previous window's kernels
+            start.record()
+            for _ in range(steps):
+                loss = step(x, y)
+            end.record()
         torch.cuda.synchronize(device)
-        seconds = start.elapsed_time(end) / 1e3
+        seconds = [start.elapsed_time(end) / 1e3 for start, end in events]
     else:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step(x, y)
-        seconds = time.perf_counter() - t0
-    return {"images/s": steps * x.shape[0] / seconds, "ms/step": 1e3 * seconds / steps,
-            "peak_mem_mb": peak_memory_mb(device), "loss": float(loss), "warmup_s": warmup_s}
+        for _ in range(windows):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = step(x, y)
+            seconds.append(time.perf_counter() - t0)
+    rates = [steps * x.shape[0] / s for s in seconds]
+    median = statistics.median(rates)
+    return {"images/s": median, "images/s_min": min(rates), "images/s_max": max(rates), "images/s_windows": rates,
+            "ms/step": 1e3 * x.shape[0] / median, "windows": windows, "peak_mem_mb": peak_memory_mb(device),
+            "loss": float(loss), "warmup_s": warmup_s, "gpu_start": gpu_start, "gpu_end": gpu_state(device)}
 
 
 def achieved(flops_image: float | None, images_per_s: float, name: str, precision: Precision) -> dict:

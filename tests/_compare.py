@@ -1,10 +1,12 @@
 """Helpers of the tests that compare two ways of computing the joint loss (test_models.py,
-test_step.py): same loss terms and gradients, on weights where every layer matters."""
+test_step.py, test_baseline.py): same loss terms and gradients, on weights where every layer
+matters, and no hidden copies (``Copies``)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @contextlib.contextmanager
@@ -42,3 +44,18 @@ def assert_same_losses_and_grads(actual_model, actual, expected_model, expected,
     for (name, pa), pe in zip(actual_model.named_parameters(), expected_model.parameters()):
         err = (pa.grad - pe.grad).norm() / pe.grad.norm().clamp_min(1e-30)
         assert err <= rtol, (name, err.item())
+
+
+class Copies(TorchDispatchMode):
+    """Records every copying aten op (clone, copy_, _to_copy; ``.contiguous()`` and ``.reshape()``
+    dispatch a clone when they must copy) dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(k in name for k in ("clone", "copy_", "_to_copy")):
+            self.copies.append(name)
+        return func(*args, **(kwargs or {}))

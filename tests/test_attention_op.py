@@ -79,6 +79,7 @@ def test_cpu_path_matches_float64(dtype, tol):
     assert _rel(grads["ours"], grads["ref"]) <= 2 * tol
 
 
+@pytest.mark.inductor  # benchmarks/gpu_check runs these on the GPU first (-m inductor)
 @needs_triton
 def test_opcheck_and_fullgraph_compile():
     from torch._dynamo.testing import CompileCounterWithBackend

@@ -88,6 +88,7 @@ def test_opcheck_of_the_registered_op():
                           test_utils=utils)
 
 
+@pytest.mark.inductor  # benchmarks/gpu_check runs these on the GPU first (-m inductor)
 @needs_triton
 def test_compile_fullgraph_one_frame_no_recompile():
     from torch._dynamo.testing import CompileCounterWithBackend

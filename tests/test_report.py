@@ -61,3 +61,57 @@ def test_report_rejects_unknown_json(tmp_path):
     src.write_text("{}")
     with pytest.raises(ValueError, match="neither"):
         report.main([str(src)])
+
+
+def test_report_renders_windows_ratios_compile_time_and_gpu_state(tmp_path, capsys):
+    data = {"datetime": "2026-12-06", "device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6",
+            "preset": "cifar10", "batch": 256, "steps": 10, "windows": 3, "warmup": 3, "GFLOP/image": 65.5,
+            "goal": ["goal >= 1.3x baseline_strong: 1.40x (met)"],
+            "variants": [
+                {"variant": "baseline_strong", "precision": "bf16", "compile": True, "images/s": 3000.0,
+                 "images/s_min": 2990.0, "images/s_max": 3010.0, "ms/step": 85.3, "peak_mem_mb": 9000.0,
+                 "warmup_s": 41.0, "gpu_start": {"sm_clock_mhz": 1980.0, "temperature_c": 35.0},
+                 "gpu_end": {"sm_clock_mhz": 1755.0, "temperature_c": 52.0}},
+                {"variant": "engine", "precision": "bf16", "compile": True, "images/s": 4200.0,
+                 "images/s_min": 4100.0, "images/s_max": 4250.0, "ms/step": 61.0, "peak_mem_mb": 7000.0,
+                 "ratio_vs_baseline_strong": 1.4, "ratio_vs_baseline_amp_compile": 2.1, "warmup_s": 63.0,
+                 "graphs": 1, "graph_breaks": 0, "gpu_start": {"sm_clock_mhz": 1980.0, "temperature_c": 40.0},
+                 "gpu_end": {"sm_clock_mhz": None, "temperature_c": None}}]}
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps(data))
+    assert report.main([str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "3 windows of 10 timed steps (images/s: the median window's)" in text
+    assert ("| variant | precision | compile | images/s | ms/step | peak mem MiB | images/s min | images/s max | "
+            "ratio vs baseline strong | ratio vs baseline amp compile | warm-up s (compile) | graphs | graph breaks | "
+            "SM MHz | temp C |") in text
+    assert "| engine | bf16 | yes | 4,200 | 61.0 | 7,000 | 4,100 | 4,250 | 1.40 | 2.10 | 63.0 | 1 | 0 | 1,980 -> - |" in text
+    assert "| baseline_strong | bf16 | yes | 3,000 | 85.3 | 9,000 | 2,990 | 3,010 | - | - | 41.0 | - | - | " \
+           "1,980 -> 1,755 | 35.0 -> 52.0 |" in text
+
+
+DIGEST = {"kind": "profile_digest", "variant": "engine", "device": "NVIDIA H100", "torch": "2.11", "triton": "3.6",
+          "preset": "cifar10", "batch": 256, "steps": 3, "trace": "trace_engine.json.gz", "trace_kept": "full trace",
+          "span_ms/step": 60.0, "busy_ms/step": 55.0, "idle_ms/step": 5.0, "gpu_events": 6000, "distinct_kernels": 240,
+          "categories": [{"category": "convolution", "ms/step": 30.0, "fraction": 0.5},
+                         {"category": "idle gaps", "ms/step": 5.0, "fraction": 5 / 60}],
+          "kernels": [{"name": f"kernel_{i}_" + "x" * 100, "category": "convolution", "calls/step": 2.0,
+                       "ms/step": 10.0 - i, "fraction_of_busy": (10.0 - i) / 55} for i in range(8)]}
+
+
+def test_report_renders_a_profile_digest_in_full_and_brief(tmp_path, capsys):
+    src = tmp_path / "profile_engine.json"
+    src.write_text(json.dumps(DIGEST))
+    out = tmp_path / "B.md"
+    assert report.main([str(src), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## profile of engine (profile_engine.json)" in text
+    assert "GPU span 60.0 ms, kernels busy 55.0 ms, idle gaps 5.00 ms" in text
+    assert "| convolution | 30.0 | 0.5 |" in text and "| idle gaps | 5.00 | 0.0833 |" in text
+    assert "| 8 | kernel_7_" in text and "..." in text  # every kernel, long names shortened
+    assert report.main([str(src), "--brief"]) == 0
+    brief = capsys.readouterr().out
+    assert "| 5 | kernel_4_" in brief and "| 6 | kernel_5_" not in brief
+    cpu = dict(DIGEST, gpu_events=0, kernels=[], note="no GPU kernels in the trace (a CPU run)")
+    text = report.render(cpu, "profile_engine.json")
+    assert "- no GPU kernels in the trace (a CPU run)" in text and "| category |" not in text

@@ -11,9 +11,8 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from _compare import assert_same_losses_and_grads, one_thread, perturb_zero_params
+from _compare import Copies, assert_same_losses_and_grads, one_thread, perturb_zero_params
 from jdm_fast.models.joint import BatchKey
 from jdm_fast.nn import GroupNormSiLU, SelfAttention2d
 from jdm_fast.ops import backend
@@ -129,20 +128,6 @@ def test_channels_last_computes_what_nchw_computes(preset):
     assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads)
 
 
-class _Copies(TorchDispatchMode):
-    """Records every copying aten op (clone, copy_, _to_copy) dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if any(k in name for k in ("clone", "copy_", "_to_copy")):
-            self.copies.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def test_fused_ops_make_no_layout_copies_on_channels_last_inputs():
     """GroupNorm+SiLU and the attention block, forward and backward on the Triton path (the
     interpreter here), take a channels-last feature map and give one back without copying it;
@@ -151,7 +136,7 @@ def test_fused_ops_make_no_layout_copies_on_channels_last_inputs():
     gn, attn = GroupNormSiLU(8, 64), SelfAttention2d(64, num_heads=2, num_groups=8)
     for layout in (torch.channels_last, torch.contiguous_format):
         x = torch.randn(2, 64, 8, 8).contiguous(memory_format=layout).requires_grad_()
-        with backend("triton"), _Copies() as seen:
+        with backend("triton"), Copies() as seen:
             y = attn(gn(x))
             y.backward(torch.randn_like(y))
         if layout == torch.channels_last:
