@@ -35,7 +35,7 @@ TESTS = {
     "AOT compiles": ["tests/kernels/", "-k", "aot"],
     "ops": ["tests/test_noise_ops.py", "tests/test_group_norm_op.py", "tests/test_attention_op.py",
             "tests/test_group_norm_cpu.py", "tests/test_step.py", "tests/test_fake_kernels.py"],
-    "compiled CUDA step rehearsal": ["tests/test_cuda_rehearsal.py"],
+    "compiled CUDA step rehearsal": ["tests/test_fake_cuda.py", "tests/test_cuda_rehearsal.py"],
 }
 SMOKE = """
 import numpy as np, pathlib, sys
