@@ -247,6 +247,32 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def check_weights(state: dict, expected: dict, source: str) -> None:
+    """Refuse weights that do not fit the model they are loaded into, before loading them: a
+    missing or unexpected key, a tensor of another shape, a non-floating tensor where the model
+    holds a floating one (an int32 export would be cast and load as garbage), a NaN or Inf in a
+    floating tensor. ``expected`` is the model's ``state_dict()``; the error is one line naming
+    ``source`` (the file, and which weights in it) and the first offending key, in the model's order."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = (f"no tensor {missing[0]!r} (and {len(missing) - 1} more missing)" if missing else
+                f"an unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise CheckpointError(f"{source} does not match the model its config describes: {what}")
+    for key, want in expected.items():
+        got = state[key]
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(f"{source}: {key!r} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{source} does not match the model its config describes: {key!r} has shape "
+                                  f"{tuple(got.shape)}, the model's is {tuple(want.shape)}")
+        if want.is_floating_point() and not got.is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} is {got.dtype}, not floating point (the model's is {want.dtype})")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise CheckpointError(f"{source}: {key!r} holds {bad} non-finite value(s) (NaN or Inf) of {got.numel()}")
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The checkpoints of a run folder that exist, newest first."""
     return [p for p in (Path(folder) / CHECKPOINT_NAME, Path(folder) / PREVIOUS_NAME) if p.is_file()]

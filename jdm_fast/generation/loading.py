@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from jdm_fast.checkpoint import load_checkpoint
+from jdm_fast.checkpoint import check_weights, load_checkpoint
 from jdm_fast.data.augment import AugmentConfig, default_augment
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
 from jdm_fast.models.joint import JointConfig, JointDiffusion
@@ -110,7 +110,9 @@ def load_joint_model(path: str | Path, *, ema: bool = True, device: str | torch.
     ``path`` is a training checkpoint (``ema`` picks its EMA or raw weights) or a safetensors export
     (it holds one set of weights, which it names: ``ema`` does not apply, and
     ``LoadedModel.weights`` says which it is). Raises FileNotFoundError for a missing file and
-    RuntimeError naming the file and what is accepted for anything else."""
+    RuntimeError naming the file and what is accepted for anything else, and
+    ``jdm_fast.checkpoint.CheckpointError`` (a RuntimeError) naming the file and the first bad
+    tensor for weights that do not fit their config, are not floating point or are not finite."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -131,7 +133,9 @@ def load_joint_model(path: str | Path, *, ema: bool = True, device: str | torch.
         raise RuntimeError(f"{path} has no model configuration")
     diffusion = GaussianDiffusion(make_betas(cfg.get("schedule", "jdm_linear"), cfg.get("num_timesteps", 1000)))
     model = JointDiffusion(JointConfig(**cfg["model"]), diffusion.to(device))
-    model.load_state_dict(strip_prefixes(weights_state)[0])
+    weights_state = strip_prefixes(weights_state)[0]
+    check_weights(weights_state, model.state_dict(), f"{path} ({weights} weights)")
+    model.load_state_dict(weights_state)
     model.to(device).eval().requires_grad_(False)
     dataset = cfg.get("dataset", "digits")
     augment = default_augment(dataset) if cfg.get("augment", True) else None

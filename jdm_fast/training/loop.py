@@ -45,9 +45,9 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from jdm_fast.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, checkpoint_files, free_bytes,
-                                 load_latest, remove_stale_temps, rng_state, save_checkpoint, set_rng_state,
-                                 state_bytes, storage_error)
+from jdm_fast.checkpoint import (CHECKPOINT_NAME, StorageError, atomic_write, check_weights, checkpoint_files,
+                                 free_bytes, load_latest, remove_stale_temps, rng_state, save_checkpoint,
+                                 set_rng_state, state_bytes, storage_error)
 from jdm_fast.data import AugmentConfig, ImageDataset, default_augment, infinite_batches, load_dataset
 from jdm_fast.data.images import save_grid
 from jdm_fast.diffusion import GaussianDiffusion, make_betas
@@ -340,6 +340,8 @@ def _restore(cfg: TrainConfig, trainer: TrainStep, *, out: Path, ctx: Dist, log)
     if differ:
         raise ValueError(f"--resume: the configuration differs from the one in {path} in {differ}; "
                          "resume with the settings of the original run")
+    check_weights(state["model"], model.state_dict(), f"{path} (raw weights)")
+    check_weights(state["ema"], trainer.ema.state_dict(), f"{path} (EMA weights)")
     model.load_state_dict(state["model"])
     trainer.ema.load_state_dict(state["ema"])
     trainer.optimizer.load_state_dict(state["optimizer"])
