@@ -555,6 +555,26 @@ def test_counter_draws_equal_the_documented_reference(seed, first):
                                       philox.counter_uniform(seed & (2**64 - 1), 0x44524F50, first, 9, width))
 
 
+def test_seeds_wider_than_64_bits_are_refused_not_wrapped():
+    """Seeds are 64-bit: [-2^63, 2^64) are accepted (a negative one is its two's complement, the same
+    stream as seed + 2^64); 2^64 and beyond, or below -2^63, raise naming the seed (taken modulo 2^64,
+    2^64 would be seed 0's stream) and so does a float seed."""
+    x0 = torch.zeros(2, 3)
+    t = torch.tensor([1, 2])
+    a = torch.linspace(0.9, 0.1, 5, dtype=torch.float64)
+    b = (1 - a * a).sqrt()
+    f = torch.tensor(4)
+    assert torch.equal(N.counter_uniform(f, -1, 7, 2, 5), N.counter_uniform(f, 2**64 - 1, 7, 2, 5))
+    N.counter_timesteps(f, -(2**63), 3, 10)
+    for bad in (2**64, 2**64 + 5, -(2**63) - 1):
+        for call in (lambda s: N.q_sample_philox(x0, t, a, b, s, 0), lambda s: N.counter_timesteps(f, s, 3, 10),
+                     lambda s: N.counter_uniform(f, s, 7, 2, 5)):
+            with pytest.raises(ValueError, match=rf"seed must lie in \[-2\^63, 2\^64\) \(64 bits\), got {bad}"):
+                call(bad)
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        N.counter_timesteps(f, 3.0, 3, 10)
+
+
 def test_counter_draws_are_per_example_and_uniform():
     """Rows depend on the global example only (a shard draws its slice), tags and seeds separate the
     streams, and the values are uniform: timesteps over [0, T) and uniforms over [0, 1)."""

@@ -98,8 +98,16 @@ def _offset(offset) -> int | torch.SymInt:
 
 
 def _seed64(seed: int) -> int:
-    """A Python int seed taken modulo 2^64, as the signed int64 the op schema carries."""
-    s = int(seed) & _MASK64
+    """A seed that fits 64 bits (signed or unsigned: [-2^63, 2^64)) as the signed int64 the op schema
+    carries; a negative seed is its two's complement (-1 is 2^64 - 1). Anything wider is an error:
+    taken modulo 2^64, 2^64 would silently be seed 0's stream."""
+    try:
+        seed = operator.index(seed)  # ints (NumPy's too); a float is never truncated silently
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}") from None
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"seed must lie in [-2^63, 2^64) (64 bits), got {seed}")
+    s = seed & _MASK64
     return s - (1 << 64) if s >= 1 << 63 else s
 
 
