@@ -139,6 +139,8 @@ def test_op_edge_cases_get_clear_errors():
             group_norm_silu(torch.randn(2, 4, 3, 3), 2, eps=eps)
     with pytest.raises(ValueError, match="head dim D must be >= 1"):
         attention(*torch.randn(3, 1, 2, 4, 0))
+    with pytest.raises(ValueError, match=r"x must have at least one channel, got shape \(2, 0, 4, 4\)"):
+        group_norm_silu(torch.randn(2, 0, 4, 4), 1)
 
 
 def _folder_dataset(root: Path, bits: int = 8) -> Path:

@@ -179,6 +179,8 @@ def group_norm_silu(
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x must be (N, C, ...), got shape {tuple(x.shape)}")
     c = x.shape[1]
+    if c < 1:
+        raise ValueError(f"group_norm_silu: x must have at least one channel, got shape {tuple(x.shape)}")
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
         raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
     if c % num_groups:
