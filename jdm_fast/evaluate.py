@@ -169,6 +169,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         loaded = {"raw": load_joint_model(ckpt, ema=False, device=device),
                   "ema": load_joint_model(ckpt, ema=True, device=device)}
     raw = next(iter(loaded.values()))  # config, dataset and step are the same in both
+    T = raw.model.diffusion.num_timesteps
+    if not args.samples and raw.model.config.generates and args.steps > T:  # as sample refuses it (was clamped)
+        raise ValueError(f"--steps {args.steps} exceeds the model's {T} diffusion steps (use at most {T})")
     data_dir = args.data_dir or raw.data_dir
     test = load_dataset(raw.dataset, "test", data_dir)
     results: dict = {"checkpoint": str(ckpt), "step": raw.step, "dataset": raw.dataset, "objective": raw.objective}

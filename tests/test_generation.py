@@ -441,6 +441,22 @@ def test_evaluate_cli_checks_its_input_before_any_work(trained_run, tmp_path, ar
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_evaluate_refuses_more_steps_than_the_model_has_before_any_work(trained_run, tmp_path, capsys, monkeypatch):
+    """--steps beyond the model's T is refused as sample refuses it (it was clamped silently),
+    right after the weights load: before test accuracy, the feature classifier or any sampling."""
+    ckpt, _ = trained_run
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before --steps was checked")
+    import jdm_fast.training.evaluation
+    monkeypatch.setattr(jdm_fast.training.evaluation, "test_accuracy", no_work)
+    monkeypatch.setattr(eval_cli, "get_feature_classifier", no_work)
+    out = tmp_path / "eval.json"
+    assert eval_cli.main(["--checkpoint", str(ckpt), "--steps", "100000", "--out", str(out)]) == 2
+    assert "--steps 100000 exceeds the model's 100 diffusion steps (use at most 100)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_evaluate_judges_labelled_samples_with_every_judge(trained_run, tmp_path, capsys, monkeypatch):
     """Labelled samples are judged by every judge (issue 20): class_consistency[<judge>] for each
     (the feature classifier's key as before), a per-class table, the judges' own test accuracy.
