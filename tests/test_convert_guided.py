@@ -143,6 +143,7 @@ def _refused(src, tmp_path, flags, match):
     (["--rescale-timesteps", "--diffusion-steps", "4000"], "--rescale-timesteps"),
     (["--train-with-classifier", "True"], r"--train-with-classifier True, but CKPT has no clasifier"),
     (["--source", "jdm", "--noise-schedule", "linear", "--diffusion-steps", "5"], "--diffusion-steps 5"),
+    (["--dataset", "nosuch"], r"--dataset nosuch: not one of .*cifar10.* and not an existing image folder"),
 ])
 def test_flags_that_do_not_match_or_cannot_convert_are_refused_by_name(flags, match, saved, tmp_path):
     _refused(saved[GD], tmp_path, manifest(GD)["convert_args"] + flags, match)

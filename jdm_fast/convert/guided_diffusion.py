@@ -244,6 +244,11 @@ def schedule(source: str, args) -> str:
 
 
 def refuse_unsupported(args, state: dict) -> None:
+    if args.dataset is not None:  # recorded for sample/evaluate, which load it: a name they know, or a folder
+        from jdm_fast.data import DATASET_INFO
+        if args.dataset.lower() not in DATASET_INFO and not Path(args.dataset).is_dir():
+            raise ConversionError(f"--dataset {args.dataset}: not one of {', '.join(DATASET_INFO)} and not an "
+                                  "existing image folder (leave it out when the dataset is not at hand)")
     if args.resblock_updown:
         raise ConversionError("--resblock-updown True: their up/downsampling ResBlocks have no counterpart in "
                               "jdm_fast's UNet (strided-conv downsampling, nearest + conv upsampling); cannot convert")
