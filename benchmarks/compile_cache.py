@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -136,9 +135,9 @@ def save(path: Path, entry: str) -> str:
     if buf.tell() > MAX_BYTES:
         return (f"compile cache: WARNING: with {entry} ({len(data) / 2**20:.1f} MiB raw) {path.name} would be "
                 f"{buf.tell() / 2**20:.1f} MiB > {MAX_BYTES / 2**20:.0f} MiB: {entry} not saved")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    from jdm_fast.checkpoint import atomic_write  # here: `check` runs before gpu_check puts jdm_fast on the path
+
+    atomic_write(path, lambda f: f.write(buf.getvalue()))  # a killed run never leaves a torn container
     return (f"compile cache: {entry} saved ({len(data) / 2**20:.1f} MiB raw) -> {path} "
             f"({path.stat().st_size / 2**20:.1f} MiB, entries {', '.join(n for n in entries if n != META)})")
 

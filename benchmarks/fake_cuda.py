@@ -149,21 +149,18 @@ def to_fake_cuda(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Modu
     """Replace ``module``'s parameters and buffers, and the tensors of plain objects it holds, in
     place, by fake CUDA tensors of ``mode`` with the same shapes, dtypes and strides (a
     channels-last weight stays channels-last)."""
-    def fake(t: torch.Tensor) -> torch.Tensor:
-        return fake_cuda_like(t, mode)
-
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
-                sub._parameters[name] = torch.nn.Parameter(fake(p), requires_grad=p.requires_grad)
+                sub._parameters[name] = torch.nn.Parameter(fake_cuda_like(p, mode), requires_grad=p.requires_grad)
         for name, b in list(sub._buffers.items()):
             if b is not None:
-                sub._buffers[name] = fake(b)
+                sub._buffers[name] = fake_cuda_like(b, mode)
         for value in vars(sub).values():  # tensors held by plain objects (the diffusion's schedule tables)
             if hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, torch.Tensor, type)):
                 for name, t in list(vars(value).items()):
                     if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
-                        setattr(value, name, fake(t))
+                        setattr(value, name, fake_cuda_like(t, mode))
     return module
 
 

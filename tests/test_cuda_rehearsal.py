@@ -23,15 +23,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_KERNELS = ("_gn_fwd_kernel", "_gn_bwd_kernel", "_sum_over_n_kernel", "_attn_")
 
 
-def _rehearse(tmp_path: Path, *args: str) -> tuple[dict, str]:
+def _rehearsal_module():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import cuda_rehearsal
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return cuda_rehearsal
+
+
+def _rehearse(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    cuda_rehearsal = _rehearsal_module()
     why_not = cuda_rehearsal.supported()
     if why_not:  # torch 2.7 (the version floor): fake CUDA tensors initialise the device there
         pytest.skip(why_not)
@@ -49,6 +53,7 @@ def _rehearse(tmp_path: Path, *args: str) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_the_cifar_training_step_compiles_for_cuda_as_one_graph_down_to_sm90_kernels(tmp_path):
     report, log = _rehearse(tmp_path, "--preset", "cifar10", "--batch", "256", "--steps", "3")
+    our_kernels = _rehearsal_module().OUR_KERNELS
     # Dynamo: one graph for three keyed steps, no break, no recompile (error_on_recompile would raise)
     assert (report["graphs"], report["graph_breaks"], report["recompiles"]) == (1, 0, 0), log
     graph = report["dynamo_graphs"][0]
@@ -63,10 +68,10 @@ def test_the_cifar_training_step_compiles_for_cuda_as_one_graph_down_to_sm90_ker
         # graph (ours with the graph's specializations, and Inductor's) compiled for sm_90
         assert c["error"] is None, c["error"]
         assert c["triton_wrappers"] > 0
-        ours = [k for k in c["kernels"] if k.startswith(OUR_KERNELS)]
+        ours = [k for k in c["kernels"] if k.startswith(our_kernels)]
         assert ours and len(c["kernels"]) > len(ours)
     backward_ours = {k.rstrip("0123456789").rstrip("_") for k in compiles["backward"]["kernels"]
-                     if k.startswith(OUR_KERNELS)}
+                     if k.startswith(our_kernels)}
     assert {"_gn_bwd_kernel", "_sum_over_n_kernel"} <= backward_ours
     # the steps ran on: loss on the device, every parameter got a gradient and an AdamW step, the
     # gradients were cleared, the EMA lives on the device
